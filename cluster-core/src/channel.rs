@@ -1,0 +1,443 @@
+//! The async channel over a Unix socketpair: a coalescing writer and a frame reader.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tokio::sync::{Notify, watch};
+
+use crate::error::{Error, ErrorKind};
+use crate::frame::{self, Decoder, FrameError, HEADER_LEN, MAX_FDS_PER_FRAME};
+use crate::sys;
+use crate::wire::Wire;
+
+/// Bytes after which the writer starts a new chunk, so one `sendmsg` stays a sensible size.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+#[derive(Default)]
+struct Chunk {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+#[derive(Default)]
+struct OutState {
+    chunks: VecDeque<Chunk>,
+    spare: Vec<Vec<u8>>,
+    closing: bool,
+    closed: bool,
+}
+
+/// The sending half: any task encodes frames straight into the pending chunk under one short
+/// lock; one writer task sends whole chunks, so many small frames leave in one `sendmsg`.
+pub(crate) struct Outbox {
+    state: Mutex<OutState>,
+    wake: Notify,
+    done: watch::Sender<bool>,
+    max_frame: usize,
+}
+
+impl Outbox {
+    /// Encodes `msg` as one frame carrying `fds`, queued behind earlier frames.
+    pub(crate) fn send<T: Serialize + ?Sized>(
+        &self,
+        msg: &T,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), SendFail> {
+        debug_assert!(fds.len() <= MAX_FDS_PER_FRAME);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.closing || st.closed {
+            return Err(SendFail::Closed);
+        }
+        let was_empty = st.chunks.is_empty();
+        let need_new = match st.chunks.back() {
+            Some(c) => c.fds.len() + fds.len() > MAX_FDS_PER_FRAME || c.bytes.len() >= CHUNK_BYTES,
+            None => true,
+        };
+        if need_new {
+            let bytes = st.spare.pop().unwrap_or_default();
+            st.chunks.push_back(Chunk {
+                bytes,
+                fds: Vec::new(),
+            });
+        }
+        let chunk = st.chunks.back_mut().expect("a chunk was just ensured");
+        let at = chunk.bytes.len();
+        frame::put_header(&mut chunk.bytes, 0, fds.len());
+        if let Err(e) = postcard::serialize_with_flavor(msg, AppendTo(&mut chunk.bytes)) {
+            // postcard fails only on types serde cannot express; drop the half-written frame.
+            chunk.bytes.truncate(at);
+            return Err(SendFail::Encode(e.to_string()));
+        }
+        let len = chunk.bytes.len() - at - HEADER_LEN;
+        if len > self.max_frame {
+            chunk.bytes.truncate(at);
+            let empty = chunk.bytes.is_empty() && chunk.fds.is_empty();
+            if empty {
+                st.chunks.pop_back();
+            }
+            return Err(SendFail::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        frame::patch_len(&mut chunk.bytes, at, len);
+        chunk.fds.extend(fds);
+        drop(st);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Stops accepting frames; the writer sends what is queued, then shuts the socket for writing.
+    pub(crate) fn close(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.closing = true;
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Drops whatever is queued and stops the writer at once.
+    pub(crate) fn abort(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.closing = true;
+        st.closed = true;
+        st.chunks.clear();
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        !(st.closing || st.closed)
+    }
+
+    /// Waits until the writer has finished (everything sent, or the socket failed).
+    pub(crate) async fn finished(&self) {
+        let mut rx = self.done.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    fn next_chunk(&self) -> Option<Result<Chunk, ()>> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = st.chunks.pop_front() {
+            return Some(Ok(c));
+        }
+        if st.closing {
+            st.closed = true;
+            return Some(Err(()));
+        }
+        None
+    }
+
+    fn recycle(&self, mut bytes: Vec<u8>) {
+        if bytes.capacity() <= 4 * CHUNK_BYTES {
+            bytes.clear();
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.spare.len() < 4 {
+                st.spare.push(bytes);
+            }
+        }
+    }
+
+    fn fail(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.closed = true;
+        st.closing = true;
+        st.chunks.clear();
+    }
+}
+
+/// A postcard flavor that appends to a borrowed buffer, so frames are encoded in place.
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Why a frame could not be queued.
+#[derive(Debug)]
+pub(crate) enum SendFail {
+    Closed,
+    TooLarge { len: usize, max: usize },
+    Encode(String),
+}
+
+impl SendFail {
+    pub(crate) fn into_error(self, id: u32) -> Error {
+        match self {
+            SendFail::Closed => Error::closed(id),
+            SendFail::TooLarge { len, max } => Error::new(
+                ErrorKind::FrameTooLarge,
+                format!("message of {len} bytes exceeds the channel's limit of {max} bytes"),
+            ),
+            SendFail::Encode(e) => {
+                Error::new(ErrorKind::Malformed, format!("cannot encode message: {e}"))
+            }
+        }
+    }
+}
+
+/// Starts the writer task for `stream` and returns the outbox that feeds it.
+pub(crate) fn spawn_writer(stream: Arc<UnixStream>, max_frame: usize) -> Arc<Outbox> {
+    let (done, _) = watch::channel(false);
+    let outbox = Arc::new(Outbox {
+        state: Mutex::new(OutState::default()),
+        wake: Notify::new(),
+        done,
+        max_frame,
+    });
+    let ob = outbox.clone();
+    tokio::spawn(async move {
+        loop {
+            match ob.next_chunk() {
+                Some(Ok(chunk)) => {
+                    if write_chunk(&stream, &chunk).await.is_err() {
+                        ob.fail();
+                        break;
+                    }
+                    ob.recycle(chunk.bytes);
+                }
+                Some(Err(())) => {
+                    let _ = nix::sys::socket::shutdown(
+                        stream.as_raw_fd(),
+                        nix::sys::socket::Shutdown::Write,
+                    );
+                    break;
+                }
+                None => ob.wake.notified().await,
+            }
+        }
+        ob.done.send_replace(true);
+    });
+    outbox
+}
+
+async fn write_chunk(stream: &UnixStream, chunk: &Chunk) -> io::Result<()> {
+    let raw: Vec<RawFd> = chunk.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut off = 0;
+    let mut fds: &[RawFd] = &raw;
+    while off < chunk.bytes.len() {
+        let n = stream
+            .async_io(Interest::WRITABLE, || {
+                sys::send_with_fds(stream.as_fd(), &chunk.bytes[off..], fds)
+            })
+            .await?;
+        // Descriptors ride with the first byte of the chunk; the kernel took them all.
+        fds = &[];
+        off += n;
+    }
+    Ok(())
+}
+
+/// The receiving half: frames decoded into the wire enum, descriptors matched to their frames.
+pub(crate) struct Reader {
+    stream: Arc<UnixStream>,
+    decoder: Decoder,
+    fds: VecDeque<OwnedFd>,
+    eof: bool,
+}
+
+/// What the reader produced.
+pub(crate) enum Incoming<U> {
+    Frame(Wire<U>, Vec<OwnedFd>),
+    Eof,
+}
+
+/// A broken frame: the channel must be closed.
+#[derive(Debug)]
+pub(crate) enum ReadFail {
+    Frame(FrameError),
+    Decode(String),
+    Io(io::Error),
+    MissingFds,
+}
+
+impl ReadFail {
+    pub(crate) fn into_error(self, who: &str) -> Error {
+        match self {
+            ReadFail::Frame(e @ FrameError::TooLarge { .. }) => Error::new(
+                ErrorKind::FrameTooLarge,
+                format!("{who} sent an oversized frame: {e}"),
+            ),
+            ReadFail::Frame(e) => Error::new(
+                ErrorKind::Malformed,
+                format!("{who} sent a broken frame: {e}"),
+            ),
+            ReadFail::Decode(e) => Error::new(
+                ErrorKind::Malformed,
+                format!("{who} sent a frame that does not decode: {e}"),
+            ),
+            ReadFail::MissingFds => Error::new(
+                ErrorKind::Malformed,
+                format!("{who} sent a frame announcing descriptors that did not arrive"),
+            ),
+            ReadFail::Io(e) => Error::io(
+                ErrorKind::Io,
+                format!("reading the channel of {who} failed"),
+                e,
+            ),
+        }
+    }
+}
+
+impl Reader {
+    pub(crate) fn new(stream: Arc<UnixStream>, max_frame: usize) -> Self {
+        Reader {
+            stream,
+            decoder: Decoder::new(max_frame),
+            fds: VecDeque::new(),
+            eof: false,
+        }
+    }
+
+    /// The next message, `Eof` once the peer closed cleanly, or why the channel is broken.
+    pub(crate) async fn next<U: DeserializeOwned>(&mut self) -> Result<Incoming<U>, ReadFail> {
+        loop {
+            if let Some((nfds, payload)) = self.decoder.next_frame().map_err(ReadFail::Frame)? {
+                let msg: Wire<U> =
+                    postcard::from_bytes(payload).map_err(|e| ReadFail::Decode(e.to_string()))?;
+                if self.fds.len() < nfds {
+                    return Err(ReadFail::MissingFds);
+                }
+                let fds = self.fds.drain(..nfds).collect();
+                return Ok(Incoming::Frame(msg, fds));
+            }
+            if self.eof {
+                self.decoder.finish().map_err(ReadFail::Frame)?;
+                return Ok(Incoming::Eof);
+            }
+            let stream = &self.stream;
+            let decoder = &mut self.decoder;
+            let fds = &mut self.fds;
+            let n = stream
+                .async_io(Interest::READABLE, || {
+                    sys::recv_with_fds(stream.as_fd(), decoder.spare(), fds)
+                })
+                .await;
+            match n {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.decoder.filled(n),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.eof = true,
+                Err(e) => return Err(ReadFail::Io(e)),
+            }
+        }
+    }
+}
+
+/// Wraps one end of a socketpair for tokio.
+pub(crate) fn into_stream(fd: OwnedFd) -> io::Result<Arc<UnixStream>> {
+    let std = std::os::unix::net::UnixStream::from(fd);
+    std.set_nonblocking(true)?;
+    Ok(Arc::new(UnixStream::from_std(std)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Control;
+    use std::io::{Read, Write};
+
+    #[tokio::test]
+    async fn frames_and_descriptors_cross_a_socketpair() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let a = into_stream(a.into()).unwrap();
+        let b = into_stream(b.into()).unwrap();
+        let out = spawn_writer(a, 1024);
+        let (mut pr, mut pw) = std::io::pipe().unwrap();
+        for i in 0..1000u32 {
+            let fds = if i == 500 {
+                vec![OwnedFd::from(pw.try_clone().unwrap())]
+            } else {
+                vec![]
+            };
+            out.send(
+                &Wire::User {
+                    msg: i,
+                    handle: !fds.is_empty(),
+                },
+                fds,
+            )
+            .unwrap();
+        }
+        out.close();
+        let mut reader = Reader::new(b, 1024);
+        let mut got = 0u32;
+        loop {
+            match reader.next::<u32>().await.unwrap() {
+                Incoming::Frame(Wire::User { msg, handle }, fds) => {
+                    assert_eq!(msg, got);
+                    assert_eq!(handle, msg == 500);
+                    if let Some(fd) = fds.into_iter().next() {
+                        let mut w = std::fs::File::from(fd);
+                        w.write_all(b"via fd").unwrap();
+                    }
+                    got += 1;
+                }
+                Incoming::Frame(Wire::Control(c), _) => panic!("unexpected {c:?}"),
+                Incoming::Eof => break,
+            }
+        }
+        assert_eq!(got, 1000);
+        pw.write_all(b"!").unwrap();
+        drop(pw);
+        let mut s = String::new();
+        pr.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "via fd!");
+    }
+
+    #[tokio::test]
+    async fn oversized_send_is_refused_and_the_channel_stays_usable() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let out = spawn_writer(into_stream(a.into()).unwrap(), 64);
+        let big = vec![0u8; 100];
+        assert!(matches!(
+            out.send(
+                &Wire::<Vec<u8>>::User {
+                    msg: big,
+                    handle: false
+                },
+                vec![]
+            ),
+            Err(SendFail::TooLarge { .. })
+        ));
+        out.send(&Wire::<Vec<u8>>::Control(Control::Welcome), vec![])
+            .unwrap();
+        out.close();
+        let mut r = Reader::new(into_stream(b.into()).unwrap(), 64);
+        assert!(matches!(
+            r.next::<Vec<u8>>().await.unwrap(),
+            Incoming::Frame(Wire::Control(Control::Welcome), _)
+        ));
+        assert!(matches!(r.next::<Vec<u8>>().await.unwrap(), Incoming::Eof));
+    }
+
+    #[tokio::test]
+    async fn garbage_is_an_error_not_a_panic() {
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.write_all(&[3, 0, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
+        drop(a);
+        let mut r = Reader::new(into_stream(b.into()).unwrap(), 64);
+        assert!(matches!(r.next::<u32>().await, Err(ReadFail::Decode(_))));
+    }
+}

@@ -1,0 +1,193 @@
+//! Configuration: worker count, scheduling policy, and the primary's settings for new workers.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::frame::DEFAULT_MAX_FRAME;
+
+/// How many workers the primary starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workers {
+    /// One per available CPU: `std::thread::available_parallelism()`, which honours cgroup CPU
+    /// quotas and the affinity mask.
+    #[default]
+    Auto,
+    /// Exactly this many (at least 1).
+    Count(usize),
+}
+
+impl Workers {
+    /// The number this resolves to on this machine.
+    pub fn resolve(self) -> usize {
+        match self {
+            Workers::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Workers::Count(n) => n,
+        }
+    }
+}
+
+impl FromStr for Workers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Workers::Auto);
+        }
+        match s.parse::<usize>() {
+            Ok(0) => Err("worker count must be at least 1, or `auto`".into()),
+            Ok(n) => Ok(Workers::Count(n)),
+            Err(_) => Err(format!(
+                "invalid worker count `{s}`; expected `auto` or an integer >= 1"
+            )),
+        }
+    }
+}
+
+/// How connections to a shared server port reach the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SchedulingPolicy {
+    /// The primary accepts and hands each connection to the next worker (Node's `SCHED_RR`).
+    #[default]
+    RoundRobin,
+    /// Every worker accepts on the same listening socket (Node's `SCHED_NONE`).
+    Shared,
+    /// One `SO_REUSEPORT` socket per worker slot, kept by the primary across restarts (Linux).
+    ReusePort,
+}
+
+impl FromStr for SchedulingPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "round-robin" | "rr" => Ok(SchedulingPolicy::RoundRobin),
+            "shared" | "none" => Ok(SchedulingPolicy::Shared),
+            "reuseport" => Ok(SchedulingPolicy::ReusePort),
+            other => Err(format!(
+                "unknown scheduling policy `{other}`; expected one of `round-robin`, `shared`, `reuseport` (or Node's `rr`, `none`)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for SchedulingPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SchedulingPolicy::RoundRobin => "round-robin",
+            SchedulingPolicy::Shared => "shared",
+            SchedulingPolicy::ReusePort => "reuseport",
+        })
+    }
+}
+
+/// The runtime flavour of a role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// tokio's current-thread runtime: one thread.
+    CurrentThread,
+    /// tokio's multi-thread runtime with this many threads (0: one per CPU).
+    MultiThread(usize),
+}
+
+/// What `#[cluster::main]` passes to the runtime; also the builder of code that does without
+/// the macro.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Workers started with the primary; `CLUSTER_WORKERS` overrides it.
+    pub workers: Workers,
+    /// The scheduling policy; `CLUSTER_SCHED_POLICY` overrides it.
+    pub scheduling: SchedulingPolicy,
+    /// The primary's runtime flavour (default: multi-thread, 2 threads).
+    pub primary_flavor: Flavor,
+    /// The workers' runtime flavour (default: current-thread; one process per core is the
+    /// parallelism).
+    pub worker_flavor: Flavor,
+    /// The largest frame either side accepts, in bytes (default 16 MiB).
+    pub max_frame: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            workers: Workers::Auto,
+            scheduling: SchedulingPolicy::RoundRobin,
+            primary_flavor: Flavor::MultiThread(2),
+            worker_flavor: Flavor::CurrentThread,
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl Config {
+    /// Applies `CLUSTER_WORKERS` and `CLUSTER_SCHED_POLICY`.
+    pub(crate) fn with_env(mut self) -> Result<Self, String> {
+        if let Some(v) = std::env::var_os("CLUSTER_WORKERS") {
+            let v = v.to_string_lossy();
+            self.workers = v.parse().map_err(|e| format!("CLUSTER_WORKERS: {e}"))?;
+        }
+        if let Some(v) = std::env::var_os("CLUSTER_SCHED_POLICY") {
+            let v = v.to_string_lossy();
+            self.scheduling = v
+                .parse()
+                .map_err(|e| format!("CLUSTER_SCHED_POLICY: {e}"))?;
+        }
+        Ok(self)
+    }
+}
+
+/// Settings for workers forked from now on: Node's `cluster.settings`, typed.
+///
+/// Change them with [`Primary::setup_primary`](crate::Primary::setup_primary); changes are
+/// cumulative and only later forks see them.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Settings {
+    /// The program to run as a worker. `None` (the default): the primary's own binary, through
+    /// the handle opened at start-up, so replacing the file on disk cannot mix versions.
+    pub exec: Option<PathBuf>,
+    /// Arguments of the worker. `None`: the primary's own arguments.
+    pub args: Option<Vec<OsString>>,
+    /// Working directory of the worker. `None`: the primary's.
+    pub cwd: Option<PathBuf>,
+    /// When true, the worker's stdout and stderr are pipes the primary reads
+    /// ([`WorkerRef::take_stdout`](crate::WorkerRef::take_stdout)); otherwise they are inherited.
+    pub silent: bool,
+    /// User id to run the worker as.
+    pub uid: Option<u32>,
+    /// Group id to run the worker as.
+    pub gid: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_counts_parse() {
+        assert_eq!("auto".parse::<Workers>(), Ok(Workers::Auto));
+        assert_eq!(" 3 ".parse::<Workers>(), Ok(Workers::Count(3)));
+        assert!("0".parse::<Workers>().unwrap_err().contains("at least 1"));
+        assert!("lots".parse::<Workers>().unwrap_err().contains("`lots`"));
+        assert!(Workers::Auto.resolve() >= 1);
+    }
+
+    #[test]
+    fn policies_parse_with_node_aliases() {
+        assert_eq!(
+            "rr".parse::<SchedulingPolicy>(),
+            Ok(SchedulingPolicy::RoundRobin)
+        );
+        assert_eq!(
+            "none".parse::<SchedulingPolicy>(),
+            Ok(SchedulingPolicy::Shared)
+        );
+        assert_eq!(
+            "reuseport".parse::<SchedulingPolicy>(),
+            Ok(SchedulingPolicy::ReusePort)
+        );
+        assert!("fast".parse::<SchedulingPolicy>().is_err());
+    }
+}

@@ -1,0 +1,55 @@
+//! The runtime of the [`cluster`](https://docs.rs/cluster) crate: worker processes, the typed
+//! channel between them and the primary, shared server ports and lifecycle events.
+//!
+//! Most programs use it through `#[cluster::main]`; everything here also works without the
+//! macro:
+//!
+//! ```no_run
+//! use cluster_core::{Config, Event, run};
+//!
+//! fn main() {
+//!     run::<(), (), _, _>(Config::default(), |mut ctx| async move {
+//!         if let Some(cluster) = ctx.take_primary() {
+//!             while let Some(event) = cluster.next_event().await {
+//!                 if let Event::Exit { worker, status } = event {
+//!                     println!("worker {} exited ({status})", worker.id());
+//!                 }
+//!             }
+//!         }
+//!         if let Some(worker) = ctx.take_worker() {
+//!             println!("worker {} started", worker.id());
+//!         }
+//!     })
+//! }
+//! ```
+#![deny(missing_docs)]
+
+mod channel;
+mod config;
+mod error;
+mod event;
+pub mod frame;
+mod message;
+pub mod net;
+mod primary;
+mod run;
+mod servers;
+mod sys;
+mod wire;
+mod worker;
+
+pub use config::{Config, Flavor, SchedulingPolicy, Settings, Workers};
+pub use error::{Error, ErrorKind, Result};
+pub use event::{Event, ExitStatus, WorkerState};
+pub use message::{FNV_OFFSET, Message, fnv1a};
+pub use primary::{Primary, WorkerRef};
+pub use run::{Context, Role, WORKER_ID_VAR, is_primary, is_worker, run, worker_id};
+pub use worker::Worker;
+
+/// Signals, for [`WorkerRef::kill_with`].
+pub use nix::sys::signal::Signal;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use serde;
+}

@@ -1,0 +1,455 @@
+//! Listeners that share server ports across the cluster.
+//!
+//! In a worker, [`TcpListener::bind`] asks the primary for the server: all workers binding the
+//! same address share one port (port 0 included), served by the scheduling policy. Outside a
+//! cluster (in the primary, or a program not started by one) it is a plain bind. Accepted
+//! connections are ordinary [`tokio::net::TcpStream`]s, so hyper, axum and tonic work unchanged.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::ToSocketAddrs;
+use tokio::sync::{mpsc, watch};
+
+use crate::wire::{BindAddr, Control, Grant, PolicyWire};
+use crate::worker::{Link, link};
+
+/// An address a cluster server listens on, as reported by `Event::Listening`.
+pub type ListenAddress = BindAddr;
+
+impl std::fmt::Display for BindAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BindAddr::Tcp(a) | BindAddr::Udp(a) => write!(f, "{a}"),
+            BindAddr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl BindAddr {
+    /// The socket address, for TCP and UDP.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match self {
+            BindAddr::Tcp(a) | BindAddr::Udp(a) => Some(*a),
+            BindAddr::Unix(_) => None,
+        }
+    }
+
+    /// The port, for TCP and UDP.
+    pub fn port(&self) -> Option<u16> {
+        self.socket_addr().map(|a| a.port())
+    }
+}
+
+/// A registration of this worker's listener with the primary; unregisters on drop.
+struct Registration {
+    link: &'static Arc<Link>,
+    addr: BindAddr,
+    index: u32,
+    server: Option<u32>,
+    /// Whether the primary must hear about the close.
+    notify: bool,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(server) = self.server {
+            self.link
+                .rr
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&server);
+        }
+        let mut idx = self.link.indexes.lock().unwrap_or_else(|p| p.into_inner());
+        let present = idx.get_mut(&self.addr).is_some_and(|v| {
+            let before = v.len();
+            v.retain(|i| *i != self.index);
+            before != v.len()
+        });
+        drop(idx);
+        // After a disconnect the link already told the primary about every listener.
+        if present && self.notify {
+            self.link.control(
+                Control::CloseServer {
+                    addr: self.addr.clone(),
+                    index: self.index,
+                },
+                vec![],
+            );
+        }
+    }
+}
+
+/// Asks the primary for the server on `addr`; returns the grant, the bound address, the
+/// descriptors that came with it and the registration.
+async fn query(
+    link: &'static Arc<Link>,
+    addr: BindAddr,
+) -> io::Result<(Grant, BindAddr, Vec<OwnedFd>, Registration)> {
+    if link.is_disconnecting() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "cluster: the worker is disconnecting",
+        ));
+    }
+    let index = {
+        let mut idx = link.indexes.lock().unwrap_or_else(|p| p.into_inner());
+        let used = idx.entry(addr.clone()).or_default();
+        // Node's listen index: the lowest not in use by this worker on this address.
+        let mut i = 0;
+        while used.contains(&i) {
+            i += 1;
+        }
+        used.push(i);
+        i
+    };
+    let mut reg = Registration {
+        link,
+        addr: addr.clone(),
+        index,
+        server: None,
+        notify: true,
+    };
+    let policy = PolicyWire::RoundRobin; // the primary decides; this is only a hint
+    let (result, fds) = link
+        .query(|req| Control::QueryServer {
+            req,
+            addr: addr.clone(),
+            index,
+            policy,
+        })
+        .await
+        .map_err(io::Error::from)?;
+    match result {
+        Ok((grant, bound)) => {
+            if let Grant::RoundRobin { server } = grant {
+                reg.server = Some(server);
+            }
+            Ok((grant, bound, fds, reg))
+        }
+        Err((errno, msg)) => {
+            // A failed key is forgotten on both sides, so a retry can succeed later.
+            let kind = if errno != 0 {
+                io::Error::from_raw_os_error(errno).kind()
+            } else {
+                io::ErrorKind::Other
+            };
+            // Dropping the registration frees the index; the primary already forgot the key.
+            reg.notify = false;
+            drop(reg);
+            Err(io::Error::new(
+                kind,
+                format!("cluster: cannot listen on {addr}: {msg}"),
+            ))
+        }
+    }
+}
+
+fn announce(link: &Link, bound: &BindAddr) {
+    link.control(
+        Control::Listening {
+            addr: bound.clone(),
+        },
+        vec![],
+    );
+}
+
+fn closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "cluster: listener closed because the worker is disconnecting",
+    )
+}
+
+/// Connections handed over by the primary (round-robin), with the acknowledgement it needs.
+#[derive(Debug)]
+struct Handoff {
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<OwnedFd>>,
+    server: u32,
+}
+
+enum Source<L> {
+    Own(L),
+    Handoff(Handoff),
+}
+
+/// A TCP listener whose port is shared by every worker of the cluster.
+pub struct TcpListener {
+    source: Source<tokio::net::TcpListener>,
+    local: SocketAddr,
+    closing: Option<watch::Receiver<bool>>,
+    reg: Option<Registration>,
+}
+
+impl std::fmt::Debug for TcpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpListener")
+            .field("local_addr", &self.local)
+            .finish()
+    }
+}
+
+impl TcpListener {
+    /// Binds `addr`: through the primary in a worker, directly elsewhere.
+    ///
+    /// Errors name the address: `cluster: cannot listen on 0.0.0.0:8000: Address in use (os error 98)`.
+    pub async fn bind<A: ToSocketAddrs>(addr: A) -> io::Result<Self> {
+        let mut last = None;
+        for a in tokio::net::lookup_host(addr).await? {
+            match Self::bind_one(a).await {
+                Ok(l) => return Ok(l),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
+    }
+
+    async fn bind_one(addr: SocketAddr) -> io::Result<Self> {
+        let Some(link) = link() else {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            let local = l.local_addr()?;
+            return Ok(TcpListener {
+                source: Source::Own(l),
+                local,
+                closing: None,
+                reg: None,
+            });
+        };
+        let (grant, bound, fds, reg) = query(link, BindAddr::Tcp(addr)).await?;
+        let local = bound.socket_addr().unwrap_or(addr);
+        let source = match grant {
+            Grant::RoundRobin { server } => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                link.rr
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(server, tx);
+                Source::Handoff(Handoff {
+                    rx: tokio::sync::Mutex::new(rx),
+                    server,
+                })
+            }
+            Grant::Handle => {
+                let fd = fds
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| io::Error::other("cluster: the primary sent no socket"))?;
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true)?;
+                Source::Own(tokio::net::TcpListener::from_std(std)?)
+            }
+        };
+        announce(link, &bound);
+        Ok(TcpListener {
+            source,
+            local,
+            closing: Some(link.closing.subscribe()),
+            reg: Some(reg),
+        })
+    }
+
+    /// The address this listener serves; the real port, also after binding port 0.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+
+    /// The next connection. After the worker starts to disconnect it fails with
+    /// `ErrorKind::NotConnected`; [`next`](Self::next) gives `None` instead.
+    pub async fn accept(&self) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
+        self.next().await.unwrap_or_else(|| Err(closed()))
+    }
+
+    /// The next connection, or `None` once the worker is disconnecting and the listener closed.
+    pub async fn next(&self) -> Option<io::Result<(tokio::net::TcpStream, SocketAddr)>> {
+        let mut closing = self.closing.clone();
+        let fut = async {
+            match &self.source {
+                Source::Own(l) => l.accept().await,
+                Source::Handoff(h) => {
+                    let fd = h.rx.lock().await.recv().await.ok_or_else(closed)?;
+                    if let Some(reg) = &self.reg {
+                        reg.link.control(
+                            Control::Accepted {
+                                server: h.server,
+                                n: 1,
+                            },
+                            vec![],
+                        );
+                    }
+                    let std = std::net::TcpStream::from(fd);
+                    std.set_nonblocking(true)?;
+                    let peer = std.peer_addr().unwrap_or(self.local);
+                    Ok((tokio::net::TcpStream::from_std(std)?, peer))
+                }
+            }
+        };
+        match &mut closing {
+            None => Some(fut.await),
+            Some(c) => {
+                if *c.borrow() {
+                    return None;
+                }
+                tokio::select! {
+                    r = fut => match r {
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+                        r => Some(r),
+                    },
+                    _ = c.wait_for(|v| *v) => None,
+                }
+            }
+        }
+    }
+}
+
+/// A UDP socket shared by every worker of the cluster (always one socket, as in Node).
+pub struct UdpSocket {
+    socket: tokio::net::UdpSocket,
+    _reg: Option<Registration>,
+}
+
+impl std::fmt::Debug for UdpSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpSocket")
+            .field("socket", &self.socket)
+            .finish()
+    }
+}
+
+impl UdpSocket {
+    /// Binds `addr`: the primary's shared socket in a worker, a plain socket elsewhere.
+    pub async fn bind<A: ToSocketAddrs>(addr: A) -> io::Result<Self> {
+        let addr = tokio::net::lookup_host(addr)
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind"))?;
+        let Some(link) = link() else {
+            return Ok(UdpSocket {
+                socket: tokio::net::UdpSocket::bind(addr).await?,
+                _reg: None,
+            });
+        };
+        let (_, bound, fds, reg) = query(link, BindAddr::Udp(addr)).await?;
+        let fd = fds
+            .into_iter()
+            .next()
+            .ok_or_else(|| io::Error::other("cluster: the primary sent no socket"))?;
+        let std = std::net::UdpSocket::from(fd);
+        std.set_nonblocking(true)?;
+        announce(link, &bound);
+        Ok(UdpSocket {
+            socket: tokio::net::UdpSocket::from_std(std)?,
+            _reg: Some(reg),
+        })
+    }
+}
+
+impl std::ops::Deref for UdpSocket {
+    type Target = tokio::net::UdpSocket;
+
+    fn deref(&self) -> &tokio::net::UdpSocket {
+        &self.socket
+    }
+}
+
+/// A Unix-domain stream listener shared by every worker of the cluster.
+pub struct UnixListener {
+    source: Source<tokio::net::UnixListener>,
+    path: PathBuf,
+    closing: Option<watch::Receiver<bool>>,
+    reg: Option<Registration>,
+}
+
+impl std::fmt::Debug for UnixListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnixListener")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl UnixListener {
+    /// Binds `path` (made absolute in a worker, so every worker names the same socket).
+    pub async fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = std::path::absolute(path.as_ref())?;
+        let Some(link) = link() else {
+            let l = tokio::net::UnixListener::bind(&path)?;
+            return Ok(UnixListener {
+                source: Source::Own(l),
+                path,
+                closing: None,
+                reg: None,
+            });
+        };
+        let (grant, _bound, fds, reg) = query(link, BindAddr::Unix(path.clone())).await?;
+        let source = match grant {
+            Grant::RoundRobin { server } => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                link.rr
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(server, tx);
+                Source::Handoff(Handoff {
+                    rx: tokio::sync::Mutex::new(rx),
+                    server,
+                })
+            }
+            Grant::Handle => {
+                let fd = fds
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| io::Error::other("cluster: the primary sent no socket"))?;
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true)?;
+                Source::Own(tokio::net::UnixListener::from_std(std)?)
+            }
+        };
+        announce(link, &BindAddr::Unix(path.clone()));
+        Ok(UnixListener {
+            source,
+            path,
+            closing: Some(link.closing.subscribe()),
+            reg: Some(reg),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The next connection; fails with `NotConnected` once the worker is disconnecting.
+    pub async fn accept(&self) -> io::Result<tokio::net::UnixStream> {
+        let mut closing = self.closing.clone();
+        let fut = async {
+            match &self.source {
+                Source::Own(l) => l.accept().await.map(|(s, _)| s),
+                Source::Handoff(h) => {
+                    let fd = h.rx.lock().await.recv().await.ok_or_else(closed)?;
+                    if let Some(reg) = &self.reg {
+                        reg.link.control(
+                            Control::Accepted {
+                                server: h.server,
+                                n: 1,
+                            },
+                            vec![],
+                        );
+                    }
+                    let std = std::os::unix::net::UnixStream::from(fd);
+                    std.set_nonblocking(true)?;
+                    tokio::net::UnixStream::from_std(std)
+                }
+            }
+        };
+        match &mut closing {
+            None => fut.await,
+            Some(c) => tokio::select! {
+                r = fut => r,
+                _ = c.wait_for(|v| *v) => Err(closed()),
+            },
+        }
+    }
+}

@@ -1,0 +1,737 @@
+//! The primary: forking workers, the registry of live workers, and the event stream.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::process::{ChildStderr, ChildStdout};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::channel::{self, Incoming, Outbox, Reader};
+use crate::config::{Config, SchedulingPolicy, Settings};
+use crate::error::{Error, ErrorKind};
+use crate::event::{Event, ExitStatus, WorkerState};
+use crate::message::{Message, pair_fingerprint};
+use crate::servers::Servers;
+use crate::sys;
+use crate::wire::{Control, Wire};
+
+/// The crate version both sides compare in the handshake.
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The primary's handle on the cluster: fork workers, list them, read events, disconnect.
+///
+/// `P` is the type of messages workers send to the primary, `W` the type the primary sends to
+/// workers. Cloning is cheap; all clones drive the same cluster.
+pub struct Primary<P = (), W = ()> {
+    inner: Arc<Inner<P, W>>,
+}
+
+impl<P, W> Clone for Primary<P, W> {
+    fn clone(&self) -> Self {
+        Primary {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<P, W> fmt::Debug for Primary<P, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Primary")
+            .field("workers", &self.inner.registry.len())
+            .finish()
+    }
+}
+
+pub(crate) struct Inner<P, W> {
+    config: Config,
+    settings: Mutex<Settings>,
+    frozen: AtomicBool,
+    next_id: AtomicU32,
+    registry: Arc<Registry<W>>,
+    events_tx: mpsc::UnboundedSender<Event<P, W>>,
+    events_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event<P, W>>>,
+    closing: AtomicBool,
+    exe: Option<std::fs::File>,
+    argv0: OsString,
+    fingerprint: u64,
+    pub(crate) servers: Arc<Servers>,
+}
+
+pub(crate) struct Registry<W> {
+    map: Mutex<BTreeMap<u32, WorkerRef<W>>>,
+    /// Workers not yet both disconnected and exited, whether or not still in `map`.
+    live: watch::Sender<usize>,
+}
+
+impl<W> Registry<W> {
+    fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn remove(&self, id: u32) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+}
+
+impl<P: Message, W: Message> Primary<P, W> {
+    /// Starts the primary side: opens the handle on our own executable. Call inside a tokio
+    /// runtime; `#[cluster::main]` does this for you.
+    pub fn new(config: Config) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (live, _) = watch::channel(0);
+        // The handle keeps the binary we were started from, even if a package upgrade replaces
+        // the file on disk: workers always run the primary's own version.
+        let exe = if cfg!(target_os = "linux") {
+            std::fs::File::open("/proc/self/exe").ok()
+        } else {
+            None
+        };
+        let servers = Servers::new(config.scheduling);
+        Primary {
+            inner: Arc::new(Inner {
+                config,
+                settings: Mutex::new(Settings::default()),
+                frozen: AtomicBool::new(false),
+                next_id: AtomicU32::new(1),
+                registry: Arc::new(Registry {
+                    map: Mutex::new(BTreeMap::new()),
+                    live,
+                }),
+                events_tx,
+                events_rx: tokio::sync::Mutex::new(events_rx),
+                closing: AtomicBool::new(false),
+                exe,
+                argv0: std::env::args_os()
+                    .next()
+                    .unwrap_or_else(|| "cluster-worker".into()),
+                fingerprint: pair_fingerprint::<P, W>(),
+                servers,
+            }),
+        }
+    }
+
+    /// Starts a worker with the primary's environment.
+    pub fn fork(&self) -> Result<WorkerRef<W>, Error> {
+        self.fork_with_env(std::iter::empty::<(OsString, OsString)>())
+    }
+
+    /// Starts a worker with `env` merged over the primary's environment (Node's `fork(env)`).
+    ///
+    /// The worker is in [`workers`](Self::workers) when this returns, and `Event::Fork` is queued.
+    pub fn fork_with_env<I, K, V>(&self, env: I) -> Result<WorkerRef<W>, Error>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
+        let inner = &self.inner;
+        inner.frozen.store(true, Ordering::Relaxed);
+        inner.closing.store(false, Ordering::Relaxed);
+        let settings = inner
+            .settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| {
+            Error::io(
+                ErrorKind::Spawn,
+                format!("cannot create the channel for worker {id}"),
+                e,
+            )
+        })?;
+
+        let mut cmd;
+        let exe_fd;
+        match (&settings.exec, &inner.exe) {
+            (Some(path), _) => {
+                cmd = tokio::process::Command::new(path);
+                exe_fd = None;
+            }
+            (None, Some(exe)) => {
+                cmd = tokio::process::Command::new(sys::exe_path());
+                std::os::unix::process::CommandExt::arg0(cmd.as_std_mut(), &inner.argv0);
+                exe_fd = Some(exe.as_raw_fd());
+            }
+            (None, None) => {
+                let path = std::env::current_exe().map_err(|e| {
+                    Error::io(ErrorKind::Spawn, "cannot find the primary's executable", e)
+                })?;
+                cmd = tokio::process::Command::new(path);
+                exe_fd = None;
+            }
+        }
+        match &settings.args {
+            Some(args) => cmd.args(args),
+            None => cmd.args(std::env::args_os().skip(1)),
+        };
+        cmd.envs(env);
+        cmd.env("CLUSTER_WORKER_ID", id.to_string());
+        if let Some(cwd) = &settings.cwd {
+            cmd.current_dir(cwd);
+        }
+        if let Some(uid) = settings.uid {
+            cmd.uid(uid);
+        }
+        if let Some(gid) = settings.gid {
+            cmd.gid(gid);
+        }
+        if settings.silent {
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+        }
+        cmd.stdin(std::process::Stdio::null());
+        let chan_fd = theirs.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before `exec` and only makes
+        // async-signal-safe system calls (see `sys::child_setup`); it captures two integers.
+        unsafe {
+            cmd.pre_exec(move || sys::child_setup(chan_fd, exe_fd));
+        }
+        let program = settings.exec.as_ref().map_or_else(
+            || "the primary's own executable".to_owned(),
+            |p| format!("`{}`", p.display()),
+        );
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::io(
+                ErrorKind::Spawn,
+                format!("cannot start worker {id} from {program}"),
+                e,
+            )
+        })?;
+        drop(theirs);
+        let pid = child.id().unwrap_or(0);
+
+        let stream = channel::into_stream(ours.into())
+            .map_err(|e| Error::io(ErrorKind::Spawn, "cannot register the channel", e))?;
+        let outbox = channel::spawn_writer(stream.clone(), inner.config.max_frame);
+        let registry = Arc::downgrade(&inner.registry);
+        let shared = Arc::new(WorkerShared {
+            id,
+            pid,
+            outbox,
+            st: Mutex::new(WState::default()),
+            remove: Box::new(move |id| {
+                if let Some(r) = registry.upgrade() {
+                    r.remove(id)
+                }
+            }),
+            stdout: Mutex::new(child.stdout.take()),
+            stderr: Mutex::new(child.stderr.take()),
+            started: Instant::now(),
+            msgs_in: AtomicU64::new(0),
+            msgs_out: AtomicU64::new(0),
+        });
+        let worker = WorkerRef {
+            shared,
+            _w: PhantomData,
+        };
+        inner
+            .registry
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, worker.clone());
+        inner.registry.live.send_modify(|n| *n += 1);
+        let _ = inner.events_tx.send(Event::Fork {
+            worker: worker.clone(),
+        });
+
+        let (read_done_tx, read_done_rx) = oneshot::channel();
+        let reader = Reader::new(stream, inner.config.max_frame);
+        tokio::spawn(read_worker(
+            self.inner.clone(),
+            worker.clone(),
+            reader,
+            read_done_tx,
+        ));
+        let inner2 = self.inner.clone();
+        let w2 = worker.clone();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => ExitStatus::from_std(s),
+                Err(_) => ExitStatus::Code(-1),
+            };
+            // The channel ends with the process; let the reader deliver what the worker said
+            // before it died, so `Exit` follows its messages and `Disconnect`.
+            let _ = tokio::time::timeout(Duration::from_secs(2), read_done_rx).await;
+            inner2.on_exit(&w2, status);
+        });
+        Ok(worker)
+    }
+
+    /// Changes the settings of later forks (Node's `setupPrimary`): cumulative, and queues
+    /// `Event::Setup` with the result. Workers already running are unaffected.
+    pub fn setup_primary(&self, change: impl FnOnce(&mut Settings)) -> Settings {
+        let mut s = self
+            .inner
+            .settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        change(&mut s);
+        let now = s.clone();
+        drop(s);
+        self.inner.frozen.store(true, Ordering::Relaxed);
+        let _ = self.inner.events_tx.send(Event::Setup {
+            settings: now.clone(),
+        });
+        now
+    }
+}
+
+impl<P, W> Primary<P, W> {
+    /// The settings in force for the next fork.
+    pub fn settings(&self) -> Settings {
+        self.inner
+            .settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The scheduling policy for shared server ports.
+    pub fn scheduling_policy(&self) -> SchedulingPolicy {
+        self.inner.config.scheduling
+    }
+
+    /// Live workers by id: those not yet both disconnected and exited. A worker disconnected
+    /// from the primary side leaves at once.
+    pub fn workers(&self) -> Vec<WorkerRef<W>> {
+        self.inner
+            .registry
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The live worker with this id.
+    pub fn worker(&self, id: u32) -> Option<WorkerRef<W>> {
+        self.inner
+            .registry
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// The next event. Returns `None` once [`disconnect`](Self::disconnect) has completed and
+    /// every queued event was read (a later `fork` opens the stream again).
+    pub async fn next_event(&self) -> Option<Event<P, W>> {
+        let mut rx = self.inner.events_rx.lock().await;
+        let mut live = self.inner.registry.live.subscribe();
+        loop {
+            if let Ok(ev) = rx.try_recv() {
+                return Some(ev);
+            }
+            if self.inner.closing.load(Ordering::Relaxed) && *live.borrow_and_update() == 0 {
+                return None;
+            }
+            tokio::select! {
+                ev = rx.recv() => return ev,
+                r = live.changed() => if r.is_err() { return None },
+            }
+        }
+    }
+
+    /// Disconnects every connected worker (Node's `cluster.disconnect()`) and completes once
+    /// every worker has disconnected and exited; at once when there are none.
+    pub async fn disconnect(&self) {
+        self.inner.closing.store(true, Ordering::Relaxed);
+        for w in self.workers() {
+            if w.is_connected() {
+                w.disconnect();
+            }
+        }
+        self.wait_for_exits().await;
+    }
+
+    /// Waits until every worker has both disconnected and exited.
+    pub async fn wait_for_exits(&self) {
+        let mut live = self.inner.registry.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+}
+
+impl<P: Message, W: Message> Inner<P, W> {
+    fn emit(&self, ev: Event<P, W>) {
+        let _ = self.events_tx.send(ev);
+    }
+
+    /// Marks the channel closed; the worker leaves the registry if it has also exited.
+    fn on_disconnect(&self, w: &WorkerRef<W>) {
+        let finished = {
+            let mut st = w.shared.lock();
+            if !st.connected {
+                return;
+            }
+            st.connected = false;
+            st.state = WorkerState::Disconnected;
+            st.exited_after_disconnect = Some(st.voluntary);
+            st.dead
+        };
+        w.shared.outbox.abort();
+        self.servers.worker_gone(w.id());
+        if finished {
+            self.finish(w);
+        }
+        self.emit(Event::Disconnect { worker: w.clone() });
+    }
+
+    fn on_exit(&self, w: &WorkerRef<W>, status: ExitStatus) {
+        let disconnected = {
+            let mut st = w.shared.lock();
+            st.dead = true;
+            st.status = Some(status);
+            st.state = WorkerState::Dead;
+            st.exited_after_disconnect = Some(st.voluntary);
+            !st.connected
+        };
+        if disconnected {
+            self.finish(w);
+        }
+        self.emit(Event::Exit {
+            worker: w.clone(),
+            status,
+        });
+    }
+
+    /// Both disconnected and exited: the worker leaves the registry, before its last event.
+    fn finish(&self, w: &WorkerRef<W>) {
+        self.registry.remove(w.id());
+        self.registry.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+async fn read_worker<P: Message, W: Message>(
+    inner: Arc<Inner<P, W>>,
+    w: WorkerRef<W>,
+    mut reader: Reader,
+    done: oneshot::Sender<()>,
+) {
+    let id = w.id();
+    let who = format!("worker {id}");
+    let mut online = false;
+    let mut refused = false;
+    let outcome = loop {
+        let incoming = match reader.next::<P>().await {
+            Ok(i) => i,
+            Err(e) => break Err(e.into_error(&who)),
+        };
+        match incoming {
+            Incoming::Eof => break Ok(()),
+            Incoming::Frame(_, _) if refused => {}
+            Incoming::Frame(
+                Wire::Control(Control::Hello {
+                    version,
+                    fingerprint,
+                }),
+                _,
+            ) if !online => {
+                if version != VERSION || fingerprint != inner.fingerprint {
+                    let reason = format!(
+                        "{who} was built with other message types or another version of cluster \
+                         (worker: version {version}, message fingerprint {fingerprint:#018x}; \
+                         primary: version {VERSION}, message fingerprint {:#018x}); refusing it",
+                        inner.fingerprint
+                    );
+                    let _ = w.shared.outbox.send(
+                        &Wire::<()>::Control(Control::Refuse {
+                            reason: reason.clone(),
+                        }),
+                        vec![],
+                    );
+                    w.shared.outbox.close();
+                    refused = true;
+                    inner.emit(Event::Error {
+                        worker: Some(w.clone()),
+                        error: Error::new(ErrorKind::Handshake, reason),
+                    });
+                    continue;
+                }
+                online = true;
+                let _ = w
+                    .shared
+                    .outbox
+                    .send(&Wire::<()>::Control(Control::Welcome), vec![]);
+                w.shared.lock().state = WorkerState::Online;
+                inner.emit(Event::Online { worker: w.clone() });
+            }
+            Incoming::Frame(_, _) if !online => {
+                break Err(Error::new(
+                    ErrorKind::Handshake,
+                    format!("{who} sent a message before the handshake"),
+                ));
+            }
+            Incoming::Frame(Wire::User { msg, handle }, fds) => {
+                w.shared.msgs_in.fetch_add(1, Ordering::Relaxed);
+                let handle = if handle { fds.into_iter().next() } else { None };
+                inner.emit(Event::Message {
+                    worker: w.clone(),
+                    msg,
+                    handle,
+                });
+            }
+            Incoming::Frame(Wire::Control(c), fds) => match c {
+                Control::Disconnecting => {
+                    let mut st = w.shared.lock();
+                    st.voluntary = true;
+                    st.exited_after_disconnect = Some(true);
+                }
+                Control::Ping(n) => {
+                    let _ = w
+                        .shared
+                        .outbox
+                        .send(&Wire::<()>::Control(Control::Pong(n)), vec![]);
+                }
+                Control::Pong(_) => w.shared.lock().last_pong = Some(Instant::now()),
+                Control::Listening { addr } => {
+                    w.shared.lock().state = WorkerState::Listening;
+                    inner.emit(Event::Listening {
+                        worker: w.clone(),
+                        address: addr.into(),
+                    });
+                }
+                other => inner.servers.handle(id, &w.shared.outbox, other, fds),
+            },
+        }
+    };
+    if let Err(error) = outcome {
+        inner.emit(Event::Error {
+            worker: Some(w.clone()),
+            error,
+        });
+    }
+    drop(reader);
+    inner.on_disconnect(&w);
+    let _ = done.send(());
+}
+
+/// The primary's handle on one worker (Node's `Worker` in the primary).
+pub struct WorkerRef<W = ()> {
+    pub(crate) shared: Arc<WorkerShared>,
+    _w: PhantomData<fn(W)>,
+}
+
+impl<W> Clone for WorkerRef<W> {
+    fn clone(&self) -> Self {
+        WorkerRef {
+            shared: self.shared.clone(),
+            _w: PhantomData,
+        }
+    }
+}
+
+impl<W> PartialEq for WorkerRef<W> {
+    fn eq(&self, other: &Self) -> bool {
+        self.shared.id == other.shared.id
+    }
+}
+
+impl<W> Eq for WorkerRef<W> {}
+
+impl<W> fmt::Debug for WorkerRef<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerRef")
+            .field("id", &self.shared.id)
+            .field("pid", &self.shared.pid)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+pub(crate) struct WorkerShared {
+    id: u32,
+    pid: u32,
+    pub(crate) outbox: Arc<Outbox>,
+    st: Mutex<WState>,
+    remove: Box<dyn Fn(u32) + Send + Sync>,
+    stdout: Mutex<Option<ChildStdout>>,
+    stderr: Mutex<Option<ChildStderr>>,
+    started: Instant,
+    msgs_in: AtomicU64,
+    msgs_out: AtomicU64,
+}
+
+impl WorkerShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct WState {
+    state: WorkerState,
+    connected: bool,
+    dead: bool,
+    status: Option<ExitStatus>,
+    voluntary: bool,
+    exited_after_disconnect: Option<bool>,
+    last_pong: Option<Instant>,
+}
+
+impl Default for WState {
+    fn default() -> Self {
+        WState {
+            state: WorkerState::None,
+            connected: true,
+            dead: false,
+            status: None,
+            voluntary: false,
+            exited_after_disconnect: None,
+            last_pong: None,
+        }
+    }
+}
+
+impl<W: Message> WorkerRef<W> {
+    /// Sends a typed message to the worker. Fails when the channel is closed (the worker is
+    /// dead or disconnected) or the message exceeds the frame limit.
+    pub fn send(&self, msg: &W) -> Result<(), Error> {
+        self.send_frame(msg, None)
+    }
+
+    /// Sends a message with a descriptor (a socket, a file) the worker receives with it.
+    pub fn send_with_handle(&self, msg: &W, handle: OwnedFd) -> Result<(), Error> {
+        self.send_frame(msg, Some(handle))
+    }
+
+    fn send_frame(&self, msg: &W, handle: Option<OwnedFd>) -> Result<(), Error> {
+        let wire = Wire::User {
+            msg,
+            handle: handle.is_some(),
+        };
+        self.shared
+            .outbox
+            .send(&wire, handle.into_iter().collect())
+            .map_err(|e| e.into_error(self.id()))?;
+        self.shared.msgs_out.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl<W> WorkerRef<W> {
+    /// The worker's id: 1 for the first worker, never reused.
+    pub fn id(&self) -> u32 {
+        self.shared.id
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.shared.pid
+    }
+
+    /// Where the worker is in its life.
+    pub fn state(&self) -> WorkerState {
+        self.shared.lock().state
+    }
+
+    /// Whether the channel is open (Node's `isConnected()`).
+    pub fn is_connected(&self) -> bool {
+        self.shared.lock().connected
+    }
+
+    /// Whether the process has exited (Node's `isDead()`).
+    pub fn is_dead(&self) -> bool {
+        self.shared.lock().dead
+    }
+
+    /// `None` until the worker disconnects or exits; then `Some(true)` when it left on purpose
+    /// (a `disconnect()` from either side, or its own `kill()`), `Some(false)` otherwise.
+    pub fn exited_after_disconnect(&self) -> Option<bool> {
+        self.shared.lock().exited_after_disconnect
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.shared.lock().status
+    }
+
+    /// How long ago the worker was forked.
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
+    /// Typed messages received from and sent to this worker.
+    pub fn message_counts(&self) -> (u64, u64) {
+        (
+            self.shared.msgs_in.load(Ordering::Relaxed),
+            self.shared.msgs_out.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Asks the worker to close its servers and its channel, and removes it from
+    /// [`Primary::workers`] at once. Once it is gone, `exited_after_disconnect()` is `Some(true)`.
+    /// Repeated calls do nothing.
+    pub fn disconnect(&self) -> &Self {
+        {
+            let mut st = self.shared.lock();
+            if !st.connected || st.voluntary {
+                return self;
+            }
+            st.voluntary = true;
+        }
+        let _ = self
+            .shared
+            .outbox
+            .send(&Wire::<()>::Control(Control::Disconnect), vec![]);
+        (self.shared.remove)(self.id());
+        self
+    }
+
+    /// Sends SIGTERM at once, with no disconnect handshake (Node's `worker.kill()`); afterwards
+    /// `exited_after_disconnect()` is `Some(false)` unless a disconnect came first.
+    pub fn kill(&self) -> Result<(), Error> {
+        self.kill_with(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends `signal` to the worker process at once.
+    pub fn kill_with(&self, signal: nix::sys::signal::Signal) -> Result<(), Error> {
+        if self.is_dead() || self.pid() == 0 {
+            return Err(Error::new(
+                ErrorKind::ChannelClosed,
+                format!("worker {} has already exited", self.id()),
+            ));
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).map_err(|e| {
+            Error::io(
+                ErrorKind::Io,
+                format!("cannot signal worker {}", self.id()),
+                e.into(),
+            )
+        })
+    }
+
+    /// The worker's stdout, when [`Settings::silent`] was set at fork; once.
+    pub fn take_stdout(&self) -> Option<ChildStdout> {
+        self.shared
+            .stdout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The worker's stderr, when [`Settings::silent`] was set at fork; once.
+    pub fn take_stderr(&self) -> Option<ChildStderr> {
+        self.shared
+            .stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+/// Keeps `Weak` in scope for the registry callback.
+#[allow(dead_code)]
+type RegistryRef<W> = Weak<Registry<W>>;

@@ -1,0 +1,155 @@
+//! Deciding the role of this process and running the user's `main` in it.
+
+use std::future::Future;
+use std::os::fd::OwnedFd;
+
+use crate::config::{Config, Flavor};
+use crate::message::Message;
+use crate::primary::Primary;
+use crate::sys;
+use crate::worker::{Worker, fatal};
+
+/// The variable that makes a process a worker, set by the primary at fork.
+pub const WORKER_ID_VAR: &str = "CLUSTER_WORKER_ID";
+
+/// What this process is, decided from the environment before any thread exists.
+#[derive(Debug)]
+pub enum Role {
+    /// No `CLUSTER_WORKER_ID`: the primary.
+    Primary,
+    /// A worker, with its id and its channel to the primary.
+    Worker {
+        /// The worker id (>= 1).
+        id: u32,
+        /// The channel, taken from descriptor 3.
+        channel: OwnedFd,
+    },
+}
+
+impl Role {
+    /// Reads and removes `CLUSTER_WORKER_ID`, then takes the channel.
+    ///
+    /// Call it first thing in `main`, before any thread is started: it edits the environment.
+    /// A process with a malformed id, or with an id but no channel, gets an error: it must never
+    /// run as a second primary.
+    pub fn detect() -> Result<Role, String> {
+        let Some(raw) = std::env::var_os(WORKER_ID_VAR) else {
+            return Ok(Role::Primary);
+        };
+        // SAFETY: `detect` runs before the runtime starts, while the process has one thread.
+        unsafe { sys::remove_env(WORKER_ID_VAR) };
+        let text = raw.to_string_lossy();
+        let id = match text.parse::<u32>() {
+            Ok(id) if id >= 1 => id,
+            _ => {
+                return Err(format!(
+                    "`{WORKER_ID_VAR}={text}` is not a valid worker id (expected an integer from 1 to {}); \
+                     it is set by the primary for its workers, unset it to run as a primary",
+                    u32::MAX
+                ));
+            }
+        };
+        let channel = sys::adopt_channel()?;
+        Ok(Role::Worker { id, channel })
+    }
+}
+
+/// What the user's `main` body receives: exactly one of the two handles.
+#[derive(Debug)]
+pub struct Context<P, W> {
+    primary: Option<Primary<P, W>>,
+    worker: Option<Worker<P, W>>,
+}
+
+impl<P, W> Context<P, W> {
+    /// The primary's handle, in the primary, once.
+    pub fn take_primary(&mut self) -> Option<Primary<P, W>> {
+        self.primary.take()
+    }
+
+    /// The worker's handle, in a worker, once.
+    pub fn take_worker(&mut self) -> Option<Worker<P, W>> {
+        self.worker.take()
+    }
+
+    /// Whether this process is the primary.
+    pub fn is_primary(&self) -> bool {
+        self.worker.is_none()
+    }
+}
+
+fn runtime(flavor: Flavor) -> tokio::runtime::Runtime {
+    let built = match flavor {
+        Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Flavor::MultiThread(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b.enable_all().build()
+        }
+    };
+    built.unwrap_or_else(|e| fatal(&format!("cannot start the tokio runtime: {e}")))
+}
+
+/// Runs `main` as the primary or as a worker: decides the role, starts the runtime for it, and
+/// in the primary forks the configured number of workers first. This is what
+/// `#[cluster::main]` expands to.
+pub fn run<P, W, F, Fut>(config: Config, main: F) -> Fut::Output
+where
+    P: Message,
+    W: Message,
+    F: FnOnce(Context<P, W>) -> Fut,
+    Fut: Future,
+{
+    let role = Role::detect().unwrap_or_else(|e| fatal(&e));
+    let config = config.with_env().unwrap_or_else(|e| fatal(&e));
+    match role {
+        Role::Primary => runtime(config.primary_flavor).block_on(async move {
+            let n = config.workers.resolve();
+            let primary = Primary::<P, W>::new(config);
+            for _ in 0..n {
+                if let Err(e) = primary.fork() {
+                    fatal(&e.to_string());
+                }
+            }
+            main(Context {
+                primary: Some(primary),
+                worker: None,
+            })
+            .await
+        }),
+        Role::Worker { id, channel } => {
+            sys::set_parent_death_signal();
+            runtime(config.worker_flavor).block_on(async move {
+                let worker = Worker::<P, W>::start(id, channel, config.max_frame).await;
+                let out = main(Context {
+                    primary: None,
+                    worker: Some(worker),
+                })
+                .await;
+                if let Some(link) = crate::worker::link() {
+                    link.flush().await;
+                }
+                out
+            })
+        }
+    }
+}
+
+/// Whether this process is a cluster worker (Node's `cluster.isWorker`).
+pub fn is_worker() -> bool {
+    crate::worker::link().is_some()
+}
+
+/// Whether this process is the primary (Node's `cluster.isPrimary`).
+pub fn is_primary() -> bool {
+    !is_worker()
+}
+
+/// This worker's id, in a worker.
+pub fn worker_id() -> Option<u32> {
+    crate::worker::link().map(|l| l.id)
+}

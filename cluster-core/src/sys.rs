@@ -1,0 +1,206 @@
+//! The crate's only `unsafe` code: descriptor passing, the worker's side of process start-up and
+//! the environment edit made before any thread exists. Each block says why it is sound.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::cmsg_space;
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+use crate::frame::MAX_FDS_PER_FRAME;
+
+/// The descriptor number on which a worker finds its channel.
+pub const CHANNEL_FD: RawFd = 3;
+/// The descriptor number through which a worker is exec'd from the primary's own binary.
+const EXE_FD: RawFd = 4;
+
+/// Sends `bytes` with `fds` attached (at most [`MAX_FDS_PER_FRAME`]); returns the bytes written.
+pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    let iov = [IoSlice::new(bytes)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    let n = if fds.is_empty() {
+        sendmsg::<()>(sock.as_raw_fd(), &iov, &[], flags, None)
+    } else {
+        debug_assert!(fds.len() <= MAX_FDS_PER_FRAME);
+        sendmsg::<()>(
+            sock.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(fds)],
+            flags,
+            None,
+        )
+    };
+    n.map_err(io::Error::from)
+}
+
+/// Reads into `buf`; descriptors that arrive are appended to `fds`. `Ok(0)` is end of stream.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut VecDeque<OwnedFd>,
+) -> io::Result<usize> {
+    let mut cmsg = cmsg_space!([RawFd; MAX_FDS_PER_FRAME]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags)
+        .map_err(io::Error::from)?;
+    let n = msg.bytes;
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: the kernel has just installed `fd` in our table for this message; no
+                // other code knows the number, so this is its one owner.
+                fds.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if truncated {
+        return Err(io::Error::other(
+            "file descriptors were lost in transit (control data truncated)",
+        ));
+    }
+    Ok(n)
+}
+
+/// Runs in the child between `fork` and `exec` (from `Command::pre_exec`): puts the channel on
+/// descriptor 3 and the executable handle on 4, and marks every other descriptor close-on-exec.
+/// Only async-signal-safe system calls are made here: no allocation, no locks.
+pub fn child_setup(channel: RawFd, exe: Option<RawFd>) -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: plain system calls on descriptor numbers in the forked child, which owns copies of
+    // every descriptor of the parent. `F_DUPFD_CLOEXEC` first moves the two descriptors above the
+    // targets, so `dup2` cannot clobber one with the other.
+    unsafe {
+        let chan = libc::fcntl(channel, libc::F_DUPFD_CLOEXEC, 10);
+        if chan < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let exe = match exe {
+            Some(fd) => {
+                let e = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                if e < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Some(e)
+            }
+            None => None,
+        };
+        // dup2 leaves the new descriptor without close-on-exec: the channel is inherited.
+        if libc::dup2(chan, CHANNEL_FD) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut first_cloexec = CHANNEL_FD + 1;
+        if let Some(e) = exe {
+            if libc::dup2(e, EXE_FD) < 0 || libc::fcntl(EXE_FD, libc::F_SETFD, libc::FD_CLOEXEC) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            first_cloexec = EXE_FD + 1;
+        }
+        close_range_cloexec(first_cloexec);
+    }
+    Ok(())
+}
+
+/// Marks every descriptor from `from` on close-on-exec, so nothing the primary inherited
+/// without the flag leaks into a worker. Older kernels lack `close_range`; there the flags the
+/// standard library, tokio and nix set on their own descriptors still hold.
+#[cfg(target_os = "linux")]
+unsafe fn close_range_cloexec(from: RawFd) {
+    use nix::libc;
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: `close_range` only changes descriptor flags; an error (ENOSYS, EINVAL) is ignored.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            from as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+unsafe fn close_range_cloexec(_from: RawFd) {}
+
+/// The program path through which the child execs the handle set up by [`child_setup`].
+pub fn exe_path() -> &'static str {
+    "/proc/self/fd/4"
+}
+
+/// Takes ownership of the worker's channel on descriptor 3, after checking that it is a Unix
+/// stream socket; marks it close-on-exec so the worker's own children do not inherit it.
+pub fn adopt_channel() -> Result<OwnedFd, String> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use nix::sys::socket::{
+        AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
+    };
+    let bad = || {
+        format!(
+            "`CLUSTER_WORKER_ID` is set but descriptor {CHANNEL_FD} is not a cluster channel; \
+             a worker must be started by its primary (unset `CLUSTER_WORKER_ID` to run as a primary)"
+        )
+    };
+    if fcntl(CHANNEL_FD, FcntlArg::F_GETFD).is_err() {
+        return Err(bad());
+    }
+    // SAFETY: descriptor 3 is open (checked above); we only borrow it for two queries.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(CHANNEL_FD) };
+    let stream = matches!(
+        getsockopt(&borrowed, sockopt::SockType),
+        Ok(SockType::Stream)
+    );
+    let unix = getsockname::<SockaddrStorage>(CHANNEL_FD)
+        .ok()
+        .and_then(|a| a.family())
+        .is_some_and(|f| f == AddressFamily::Unix);
+    if !(stream && unix) {
+        return Err(bad());
+    }
+    fcntl(CHANNEL_FD, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map_err(|e| format!("{}: {e}", bad()))?;
+    // SAFETY: descriptor 3 was handed to this process by its primary for the channel, and
+    // nothing else in the process claims it: the role is decided before any other code runs.
+    Ok(unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) })
+}
+
+/// Removes a variable from the environment.
+///
+/// # Safety
+/// No other thread may exist: call it only while deciding the role, before any runtime starts.
+pub unsafe fn remove_env(key: &str) {
+    // SAFETY: the caller guarantees the process is single-threaded, so no other thread reads the
+    // environment while it changes.
+    unsafe { std::env::remove_var(key) }
+}
+
+/// Makes the kernel kill this worker when the thread that forked it in the primary ends.
+#[cfg(target_os = "linux")]
+pub fn set_parent_death_signal() {
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn set_parent_death_signal() {}
+
+/// Accepts one connection without registering it anywhere: the primary only passes it on.
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{SockFlag, accept4};
+    let fd = accept4(
+        listener.as_raw_fd(),
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: `accept4` just returned this new descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Registers a listening socket with tokio's reactor for readiness only.
+pub fn async_listener(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the `OwnedFd` moves into the `AsyncFd`, which owns it until dropped: the number
+    // stays open and refers to the same socket for the registration's whole life.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}

@@ -1,0 +1,124 @@
+//! The one wire enum: the framework's control messages and the user's typed messages.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A frame's payload. `Control` is the first variant, so the handshake decodes whatever the
+/// user's types are, and a mismatch is reported rather than misread.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Wire<U> {
+    /// A message of the framework.
+    Control(Control),
+    /// A message of the user's type; `handle` says a descriptor travels with it.
+    User {
+        /// The message.
+        msg: U,
+        /// Whether the frame carries a descriptor for the receiver.
+        handle: bool,
+    },
+}
+
+/// An address a server is bound to, as the channel carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BindAddr {
+    /// A TCP listener.
+    Tcp(SocketAddr),
+    /// A UDP socket.
+    Udp(SocketAddr),
+    /// A Unix-domain stream listener.
+    Unix(PathBuf),
+}
+
+/// How the primary serves a key: the scheduling policy, as it travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PolicyWire {
+    /// The primary accepts and hands out connections.
+    RoundRobin,
+    /// Every worker gets the listening socket.
+    Shared,
+    /// One `SO_REUSEPORT` socket per worker slot.
+    ReusePort,
+}
+
+/// What the primary granted for a server query.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Grant {
+    /// Connections arrive as `Conn` frames for server `server`.
+    RoundRobin {
+        /// The primary's id for this server.
+        server: u32,
+    },
+    /// The listening descriptor travels with the reply.
+    Handle,
+}
+
+/// Control messages, both directions.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Control {
+    /// Worker -> primary, first frame: who I am and what I was built with.
+    Hello {
+        /// The crate version of the worker.
+        version: String,
+        /// The fingerprint of the worker's message types.
+        fingerprint: u64,
+    },
+    /// Primary -> worker: the handshake passed.
+    Welcome,
+    /// Primary -> worker: the handshake failed, and why.
+    Refuse {
+        /// A readable reason.
+        reason: String,
+    },
+    /// Primary -> worker: close your servers and the channel.
+    Disconnect,
+    /// Worker -> primary: I am leaving on purpose (`exited_after_disconnect`).
+    Disconnecting,
+    /// Worker -> primary: give me the server for `key`.
+    QueryServer {
+        /// Request id, echoed in the reply.
+        req: u32,
+        /// What to listen on.
+        addr: BindAddr,
+        /// How many listeners this worker already has on `addr`.
+        index: u32,
+        /// The policy to serve it with.
+        policy: PolicyWire,
+    },
+    /// Primary -> worker: the answer to `QueryServer`.
+    ServerReply {
+        /// The request id.
+        req: u32,
+        /// The grant and the bound address, or the OS error and a message.
+        result: Result<(Grant, BindAddr), (i32, String)>,
+    },
+    /// Primary -> worker: a connection for server `server` travels with this frame.
+    Conn {
+        /// The primary's server id.
+        server: u32,
+    },
+    /// Worker -> primary: the user took `n` more connections of `server`.
+    Accepted {
+        /// The primary's server id.
+        server: u32,
+        /// How many.
+        n: u32,
+    },
+    /// Worker -> primary: a server of mine is listening.
+    Listening {
+        /// Its address.
+        addr: BindAddr,
+    },
+    /// Worker -> primary: I closed my listener on `addr` (index `index`).
+    CloseServer {
+        /// The address.
+        addr: BindAddr,
+        /// The index it was queried with.
+        index: u32,
+    },
+    /// Either way: are you alive?
+    Ping(u64),
+    /// Either way: the answer to `Ping`.
+    Pong(u64),
+}

@@ -1,0 +1,318 @@
+//! The worker side: the handshake, the reader of control and user messages, the worker's handle.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::channel::{self, Incoming, Outbox, Reader};
+use crate::error::{Error, ErrorKind};
+use crate::message::{Message, pair_fingerprint};
+use crate::primary::VERSION;
+use crate::wire::{BindAddr, Control, Grant, Wire};
+
+/// The reply to a server query: the grant and bound address or the OS error, plus descriptors.
+pub(crate) type ServerAnswer = (Result<(Grant, BindAddr), (i32, String)>, Vec<OwnedFd>);
+
+/// The untyped link of a worker process to its primary; `cluster::net` finds it here.
+pub(crate) struct Link {
+    pub(crate) id: u32,
+    pub(crate) outbox: Arc<Outbox>,
+    disconnecting: AtomicBool,
+    /// Flips to true when the worker disconnects: listeners stop accepting.
+    pub(crate) closing: watch::Sender<bool>,
+    next_req: AtomicU32,
+    queries: Mutex<HashMap<u32, oneshot::Sender<ServerAnswer>>>,
+    /// Round-robin listeners: server id -> queue of connections handed over by the primary.
+    pub(crate) rr: Mutex<HashMap<u32, mpsc::UnboundedSender<OwnedFd>>>,
+    /// Open listeners per address, for Node's per-worker listen index.
+    pub(crate) indexes: Mutex<HashMap<BindAddr, Vec<u32>>>,
+}
+
+static LINK: OnceLock<Arc<Link>> = OnceLock::new();
+
+/// The link of this process, when it is a worker.
+pub(crate) fn link() -> Option<&'static Arc<Link>> {
+    LINK.get()
+}
+
+impl Link {
+    /// Sends a control frame; a closed channel is not an error here (the worker is leaving).
+    pub(crate) fn control(&self, c: Control, fds: Vec<OwnedFd>) -> bool {
+        self.outbox.send(&Wire::<()>::Control(c), fds).is_ok()
+    }
+
+    /// Asks the primary for a server and waits for the answer.
+    pub(crate) async fn query(
+        &self,
+        c: impl FnOnce(u32) -> Control,
+    ) -> Result<ServerAnswer, Error> {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.queries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req, tx);
+        if !self.control(c(req), vec![]) {
+            self.queries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&req);
+            return Err(Error::closed(self.id));
+        }
+        rx.await.map_err(|_| Error::closed(self.id))
+    }
+
+    pub(crate) fn is_disconnecting(&self) -> bool {
+        self.disconnecting.load(Ordering::Relaxed)
+    }
+
+    /// Closes the servers, then the channel, once; `voluntary` tells the primary it was our idea.
+    fn begin_disconnect(&self, voluntary: bool) {
+        if self.disconnecting.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if voluntary {
+            self.control(Control::Disconnecting, vec![]);
+        }
+        // Listeners see this, stop accepting and unregister (their frames go before the close).
+        self.closing.send_replace(true);
+        self.rr.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let indexes: Vec<(BindAddr, u32)> = self
+            .indexes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .flat_map(|(a, v)| v.into_iter().map(move |i| (a.clone(), i)))
+            .collect();
+        for (addr, index) in indexes {
+            self.control(Control::CloseServer { addr, index }, vec![]);
+        }
+        self.outbox.close();
+    }
+
+    /// Sends what is queued and closes the channel; bounded in time.
+    pub(crate) async fn flush(&self) {
+        self.outbox.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.outbox.finished()).await;
+    }
+}
+
+/// This worker's own handle (Node's `cluster.worker`): its id, typed messages both ways,
+/// `disconnect` and `kill`.
+pub struct Worker<P = (), W = ()> {
+    link: Arc<Link>,
+    inbox: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(W, Option<OwnedFd>)>>>,
+    _p: PhantomData<fn(P)>,
+}
+
+impl<P, W> Clone for Worker<P, W> {
+    fn clone(&self) -> Self {
+        Worker {
+            link: self.link.clone(),
+            inbox: self.inbox.clone(),
+            _p: PhantomData,
+        }
+    }
+}
+
+impl<P, W> fmt::Debug for Worker<P, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker").field("id", &self.link.id).finish()
+    }
+}
+
+impl<P: Message, W: Message> Worker<P, W> {
+    /// Connects to the primary over `channel` and passes the handshake; exits the process with a
+    /// clear message when the primary refuses this worker.
+    pub(crate) async fn start(id: u32, channel: OwnedFd, max_frame: usize) -> Self {
+        let stream = match channel::into_stream(channel) {
+            Ok(s) => s,
+            Err(e) => fatal(&format!("worker {id}: cannot use the channel: {e}")),
+        };
+        let outbox = channel::spawn_writer(stream.clone(), max_frame);
+        let (closing, _) = watch::channel(false);
+        let link = Arc::new(Link {
+            id,
+            outbox,
+            disconnecting: AtomicBool::new(false),
+            closing,
+            next_req: AtomicU32::new(0),
+            queries: Mutex::new(HashMap::new()),
+            rr: Mutex::new(HashMap::new()),
+            indexes: Mutex::new(HashMap::new()),
+        });
+        let _ = LINK.set(link.clone());
+        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+        let (hello_tx, hello_rx) = oneshot::channel();
+        link.control(
+            Control::Hello {
+                version: VERSION.to_owned(),
+                fingerprint: pair_fingerprint::<P, W>(),
+            },
+            vec![],
+        );
+        let reader = Reader::new(stream, max_frame);
+        tokio::spawn(read_primary::<W>(link.clone(), reader, inbox_tx, hello_tx));
+        match tokio::time::timeout(Duration::from_secs(60), hello_rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(reason))) => fatal(&format!("worker {id} refused by the primary: {reason}")),
+            // The primary went away before answering: leave quietly, as after its death.
+            Ok(Err(_)) => std::process::exit(0),
+            Err(_) => fatal(&format!(
+                "worker {id}: the primary did not answer the handshake within 60 s"
+            )),
+        }
+        Worker {
+            link,
+            inbox: Arc::new(tokio::sync::Mutex::new(inbox_rx)),
+            _p: PhantomData,
+        }
+    }
+
+    /// Sends a typed message to the primary, where it arrives as `Event::Message`.
+    pub fn send(&self, msg: &P) -> Result<(), Error> {
+        self.link
+            .outbox
+            .send(&Wire::User { msg, handle: false }, vec![])
+            .map_err(|e| e.into_error(self.link.id))
+    }
+
+    /// Sends a message with a descriptor the primary receives in `Event::Message::handle`.
+    pub fn send_with_handle(&self, msg: &P, handle: OwnedFd) -> Result<(), Error> {
+        self.link
+            .outbox
+            .send(&Wire::User { msg, handle: true }, vec![handle])
+            .map_err(|e| e.into_error(self.link.id))
+    }
+
+    /// The next message from the primary; `None` once the worker is disconnecting and every
+    /// message sent before was read.
+    pub async fn recv(&self) -> Option<W> {
+        self.recv_with_handle().await.map(|(m, _)| m)
+    }
+
+    /// The next message with the descriptor that came with it, if any.
+    pub async fn recv_with_handle(&self) -> Option<(W, Option<OwnedFd>)> {
+        self.inbox.lock().await.recv().await
+    }
+}
+
+impl<P, W> Worker<P, W> {
+    /// This worker's id (Node's `cluster.worker.id`), equal to the `CLUSTER_WORKER_ID` it was
+    /// started with.
+    pub fn id(&self) -> u32 {
+        self.link.id
+    }
+
+    /// Whether the channel to the primary is open.
+    pub fn is_connected(&self) -> bool {
+        self.link.outbox.is_open()
+    }
+
+    /// Leaves the cluster on purpose: closes this worker's servers and then the channel. The
+    /// primary sees `exited_after_disconnect() == Some(true)`. The process keeps running until
+    /// its code returns, so in-flight work can finish.
+    pub async fn disconnect(&self) {
+        self.link.begin_disconnect(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.link.outbox.finished()).await;
+    }
+
+    /// Disconnects and exits with code 0 (Node's worker-side `kill()`).
+    pub async fn kill(&self) -> ! {
+        self.disconnect().await;
+        std::process::exit(0)
+    }
+}
+
+async fn read_primary<W: Message>(
+    link: Arc<Link>,
+    mut reader: Reader,
+    inbox: mpsc::UnboundedSender<(W, Option<OwnedFd>)>,
+    hello: oneshot::Sender<Result<(), String>>,
+) {
+    let mut hello = Some(hello);
+    let mut inbox = Some(inbox);
+    loop {
+        match reader.next::<W>().await {
+            Ok(Incoming::Frame(Wire::Control(c), fds)) => match c {
+                Control::Welcome => {
+                    if let Some(h) = hello.take() {
+                        let _ = h.send(Ok(()));
+                    }
+                }
+                Control::Refuse { reason } => {
+                    if let Some(h) = hello.take() {
+                        let _ = h.send(Err(reason));
+                    }
+                }
+                Control::Disconnect => {
+                    inbox = None;
+                    link.begin_disconnect(false);
+                }
+                Control::ServerReply { req, result } => {
+                    let tx = link
+                        .queries
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&req);
+                    if let Some(tx) = tx {
+                        let _ = tx.send((result, fds));
+                    }
+                }
+                Control::Conn { server } => {
+                    let q = link
+                        .rr
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&server)
+                        .cloned();
+                    // No listener any more: the primary hands this connection to another worker
+                    // when our `CloseServer` reaches it, so dropping our copy loses nothing.
+                    if let (Some(q), Some(fd)) = (q, fds.into_iter().next()) {
+                        let _ = q.send(fd);
+                    }
+                }
+                Control::Ping(n) => {
+                    link.control(Control::Pong(n), vec![]);
+                }
+                _ => {}
+            },
+            Ok(Incoming::Frame(Wire::User { msg, handle }, fds)) => {
+                if let Some(tx) = &inbox {
+                    let fd = if handle { fds.into_iter().next() } else { None };
+                    let _ = tx.send((msg, fd));
+                }
+            }
+            Ok(Incoming::Eof) => break,
+            Err(e) => {
+                eprintln!("cluster: {}", e.into_error("the primary"));
+                break;
+            }
+        }
+    }
+    drop(inbox);
+    // Node's rule: a channel that closes without a disconnect of ours means the primary is
+    // gone (or dropped us); the worker leaves at once rather than live on as an orphan.
+    if !link.is_disconnecting() {
+        std::process::exit(0);
+    }
+}
+
+/// Prints `cluster: <message>` and exits with code 1.
+pub(crate) fn fatal(msg: &str) -> ! {
+    eprintln!("cluster: {msg}");
+    std::process::exit(1)
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send + Sync>() {}
+    is_send::<Worker<(), ()>>();
+    let _ = ErrorKind::Io;
+}

@@ -1,0 +1,211 @@
+//! Expansion of `#[cluster::main]`.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Ident, ItemFn};
+
+use crate::args::{self, MainArgs, WorkersArg};
+use crate::model::{self, Branch, EVENTS, Part, Role};
+use crate::paths::Krate;
+
+pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
+    let func: ItemFn = match syn::parse2(item.clone()) {
+        Ok(f) => f,
+        Err(e) => {
+            let err = e.to_compile_error();
+            return quote!(#err #item);
+        }
+    };
+    match try_expand(args, func) {
+        Ok(ts) => ts,
+        Err((e, func)) => fallback(e, &func),
+    }
+}
+
+fn try_expand(args: TokenStream, func: ItemFn) -> Result<TokenStream, (syn::Error, ItemFn)> {
+    let args = match args::parse_main(args) {
+        Ok(a) => a,
+        Err(e) => {
+            // Validate the function too, so every mistake shows in one build.
+            let e = match model::build(func.clone()) {
+                Ok(_) => e,
+                Err((mut more, _)) => {
+                    let mut all = e;
+                    all.combine(std::mem::replace(
+                        &mut more,
+                        syn::Error::new(Span::call_site(), ""),
+                    ));
+                    all
+                }
+            };
+            return Err((e, func));
+        }
+    };
+    let model = model::build(func)?;
+    Ok(generate(&args, model))
+}
+
+/// On error: the errors plus a `fn main` with the user's signature and an empty body, so the
+/// user does not also see "`main` function not found".
+fn fallback(err: syn::Error, func: &ItemFn) -> TokenStream {
+    let err = err.to_compile_error();
+    let attrs = &func.attrs;
+    let vis = &func.vis;
+    let ident = &func.sig.ident;
+    quote! {
+        #err
+        #(#attrs)*
+        #vis fn #ident() {}
+    }
+}
+
+// Input:
+//   #[cluster::main(workers = 4, messages(to_primary = P))]
+//   async fn main() -> R { shared; #[primary(cluster)] { .. } #[worker(worker)] { .. } tail }
+// Output:
+//   fn main() -> R {
+//       async fn __cluster_main(mut ctx: Context<P, ()>) -> R {
+//           shared;
+//           if let Some(cluster) = ctx.take_primary() { .. handlers' dispatch loop .. }
+//           if let Some(worker) = ctx.take_worker() { .. }
+//           tail
+//       }
+//       const _: () = assert_message::<P>();
+//       run::<P, (), _, _>(Config { workers: Workers::Count(4), .. }, __cluster_main)
+//   }
+fn generate(args: &MainArgs, model: model::Model) -> TokenStream {
+    let krate = Krate(args.krate.clone());
+    let ctx = Ident::new("__cluster_ctx", Span::mixed_site());
+    let inner = Ident::new("__cluster_main", Span::mixed_site());
+    let unit = quote!(());
+    let p_ty = args
+        .to_primary
+        .as_ref()
+        .map_or(unit.clone(), |t| quote!(#t));
+    let w_ty = args.to_worker.as_ref().map_or(unit, |t| quote!(#t));
+    let asserts = [&args.to_primary, &args.to_worker]
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let check = krate.assert_message(t.span());
+            quote_spanned!(t.span()=> const _: () = #check::<#t>();)
+        });
+
+    let mut body = Vec::new();
+    for part in &model.parts {
+        match part {
+            Part::Shared(stmt) => body.push(quote!(#stmt)),
+            Part::Branch(Role::Primary) => {
+                body.push(branch(&krate, &ctx, &model.primary, Role::Primary))
+            }
+            Part::Branch(Role::Worker) => {
+                body.push(branch(&krate, &ctx, &model.worker, Role::Worker))
+            }
+        }
+    }
+
+    let config = config(&krate, args);
+    let run = krate.run();
+    let context = krate.context();
+    let func = &model.func;
+    let attrs = &func.attrs;
+    let vis = &func.vis;
+    let ident = &func.sig.ident;
+    let output = &func.sig.output;
+    quote! {
+        #(#attrs)*
+        #vis fn #ident() #output {
+            #[allow(unused_mut, clippy::needless_return)]
+            async fn #inner(mut #ctx: #context<#p_ty, #w_ty>) #output {
+                #(#body)*
+            }
+            #(#asserts)*
+            #run::<#p_ty, #w_ty, _, _>(#config, #inner)
+        }
+    }
+}
+
+fn config(krate: &Krate, args: &MainArgs) -> TokenStream {
+    let cfg = krate.config();
+    let workers_path = krate.workers();
+    let sched = krate.scheduling();
+    let workers = match &args.workers {
+        Some((WorkersArg::Count(n), _)) => quote!(#workers_path::Count(#n)),
+        _ => quote!(#workers_path::Auto),
+    };
+    let scheduling = match args.scheduling.as_ref().map(|(s, _)| s.as_str()) {
+        Some("shared") => quote!(#sched::Shared),
+        Some("reuseport") => quote!(#sched::ReusePort),
+        _ => quote!(#sched::RoundRobin),
+    };
+    quote! {
+        #cfg { workers: #workers, scheduling: #scheduling, ..::core::default::Default::default() }
+    }
+}
+
+fn branch(krate: &Krate, ctx: &Ident, b: &Branch, role: Role) -> TokenStream {
+    let option = krate.option();
+    let take = match role {
+        Role::Primary => format_ident!("take_primary"),
+        Role::Worker => format_ident!("take_worker"),
+    };
+    let needs_name = !b.handlers.is_empty();
+    let binding = match &b.binding {
+        Some(id) => quote!(#id),
+        None if needs_name => {
+            let id = Ident::new("__cluster_primary", Span::mixed_site());
+            quote!(#id)
+        }
+        None => quote!(_),
+    };
+    let stmts = &b.block.stmts;
+    let dispatch = if needs_name {
+        dispatch(krate, &binding, b)
+    } else {
+        quote!()
+    };
+    quote! {
+        if let #option::Some(#binding) = #ctx.#take() {
+            #(#stmts)*
+            #dispatch
+        }
+    }
+}
+
+/// The event loop that calls the `#[on(..)]` handlers; each call carries the handler's span,
+/// so a handler whose parameters do not fit its event is an error on the handler.
+fn dispatch(krate: &Krate, primary: &TokenStream, b: &Branch) -> TokenStream {
+    let event = krate.event();
+    let output = krate.handler_output();
+    let ev = Ident::new("__cluster_event", Span::mixed_site());
+    let arms = b.handlers.iter().map(|h| {
+        let (_, variant, fields) = EVENTS[h.event];
+        let variant = Ident::new(variant, Span::call_site());
+        let names: Vec<Ident> = fields
+            .iter()
+            .map(|f| Ident::new(f, Span::call_site()))
+            .collect();
+        let locals: Vec<Ident> = fields
+            .iter()
+            .map(|f| Ident::new(&format!("__cluster_{f}"), Span::mixed_site()))
+            .collect();
+        let f = &h.ident;
+        let fname = f.to_string();
+        let call = quote_spanned! {f.span()=>
+            #output::report(#f(&#primary, #(#locals),*).await, #fname)
+        };
+        quote! {
+            #event::#variant { #(#names: #locals,)* .. } => { #call; }
+        }
+    });
+    quote! {
+        while let ::core::option::Option::Some(#ev) = #primary.next_event().await {
+            #[allow(unreachable_patterns)]
+            match #ev {
+                #(#arms)*
+                _ => {}
+            }
+        }
+    }
+}

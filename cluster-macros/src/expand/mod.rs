@@ -1,0 +1,4 @@
+//! Code generation: `main` and `message`.
+
+pub mod main;
+pub mod message;
