@@ -57,6 +57,9 @@ pub(crate) struct Inner<P, W> {
     events_tx: mpsc::UnboundedSender<Event<P, W>>,
     events_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event<P, W>>>,
     closing: AtomicBool,
+    /// Workers of the configured count not forked yet: they start on first use of the handle,
+    /// so the primary's own code (a banner, `setup_primary`) runs before any worker.
+    pending: std::sync::atomic::AtomicUsize,
     exe: Option<std::fs::File>,
     argv0: OsString,
     fingerprint: u64,
@@ -109,6 +112,7 @@ impl<P: Message, W: Message> Primary<P, W> {
                 events_tx,
                 events_rx: tokio::sync::Mutex::new(events_rx),
                 closing: AtomicBool::new(false),
+                pending: std::sync::atomic::AtomicUsize::new(0),
                 exe,
                 argv0: std::env::args_os()
                     .next()
@@ -117,6 +121,36 @@ impl<P: Message, W: Message> Primary<P, W> {
                 servers,
             }),
         }
+    }
+
+    /// Sets the number of workers started on first use of the handle.
+    pub(crate) fn set_initial_workers(&self, n: usize) {
+        self.inner.pending.store(n, Ordering::Relaxed);
+    }
+
+    /// Forks the configured workers, once, on first use of the handle.
+    fn ensure_started(&self) {
+        let n = self.inner.pending.swap(0, Ordering::Relaxed);
+        for _ in 0..n {
+            if let Err(error) = self.fork() {
+                self.inner.emit(Event::Error {
+                    worker: None,
+                    error,
+                });
+            }
+        }
+    }
+
+    /// Changes the scheduling policy; only before the first fork, as Node freezes it then.
+    pub fn set_scheduling_policy(&self, policy: SchedulingPolicy) -> Result<(), Error> {
+        if self.inner.frozen.load(Ordering::Relaxed) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "the scheduling policy is frozen once the first worker is forked or `setup_primary` ran",
+            ));
+        }
+        self.inner.servers.set_policy(policy);
+        Ok(())
     }
 
     /// Starts a worker with the primary's environment.
@@ -288,7 +322,7 @@ impl<P: Message, W: Message> Primary<P, W> {
     }
 }
 
-impl<P, W> Primary<P, W> {
+impl<P: Message, W: Message> Primary<P, W> {
     /// The settings in force for the next fork.
     pub fn settings(&self) -> Settings {
         self.inner
@@ -300,12 +334,13 @@ impl<P, W> Primary<P, W> {
 
     /// The scheduling policy for shared server ports.
     pub fn scheduling_policy(&self) -> SchedulingPolicy {
-        self.inner.config.scheduling
+        self.inner.servers.policy()
     }
 
     /// Live workers by id: those not yet both disconnected and exited. A worker disconnected
     /// from the primary side leaves at once.
     pub fn workers(&self) -> Vec<WorkerRef<W>> {
+        self.ensure_started();
         self.inner
             .registry
             .map
@@ -330,6 +365,7 @@ impl<P, W> Primary<P, W> {
     /// The next event. Returns `None` once [`disconnect`](Self::disconnect) has completed and
     /// every queued event was read (a later `fork` opens the stream again).
     pub async fn next_event(&self) -> Option<Event<P, W>> {
+        self.ensure_started();
         let mut rx = self.inner.events_rx.lock().await;
         let mut live = self.inner.registry.live.subscribe();
         loop {
@@ -349,6 +385,7 @@ impl<P, W> Primary<P, W> {
     /// Disconnects every connected worker (Node's `cluster.disconnect()`) and completes once
     /// every worker has disconnected and exited; at once when there are none.
     pub async fn disconnect(&self) {
+        self.inner.pending.store(0, Ordering::Relaxed);
         self.inner.closing.store(true, Ordering::Relaxed);
         for w in self.workers() {
             if w.is_connected() {

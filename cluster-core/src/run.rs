@@ -95,7 +95,8 @@ fn runtime(flavor: Flavor) -> tokio::runtime::Runtime {
 }
 
 /// Runs `main` as the primary or as a worker: decides the role, starts the runtime for it, and
-/// in the primary forks the configured number of workers first. This is what
+/// in the primary the configured number of workers start on the first use of the handle
+/// (`next_event`, `workers`, `fork`), so the primary's own start-up code runs before them. This is what
 /// `#[cluster::main]` expands to.
 pub fn run<P, W, F, Fut>(config: Config, main: F) -> Fut::Output
 where
@@ -110,11 +111,7 @@ where
         Role::Primary => runtime(config.primary_flavor).block_on(async move {
             let n = config.workers.resolve();
             let primary = Primary::<P, W>::new(config);
-            for _ in 0..n {
-                if let Err(e) = primary.fork() {
-                    fatal(&e.to_string());
-                }
-            }
+            primary.set_initial_workers(n);
             main(Context {
                 primary: Some(primary),
                 worker: None,

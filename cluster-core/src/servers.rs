@@ -22,7 +22,7 @@ const SLOT_GRACE: Duration = Duration::from_secs(2);
 type KeyId = (BindAddr, u32);
 
 pub(crate) struct Servers {
-    policy: SchedulingPolicy,
+    policy: Mutex<SchedulingPolicy>,
     st: Mutex<State>,
 }
 
@@ -49,9 +49,17 @@ enum KeyKind {
 impl Servers {
     pub(crate) fn new(policy: SchedulingPolicy) -> Arc<Self> {
         Arc::new(Servers {
-            policy,
+            policy: Mutex::new(policy),
             st: Mutex::new(State::default()),
         })
+    }
+
+    pub(crate) fn policy(&self) -> SchedulingPolicy {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_policy(&self, policy: SchedulingPolicy) {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -102,13 +110,14 @@ impl Servers {
     ) -> io::Result<(Grant, BindAddr, Vec<OwnedFd>)> {
         let mut st = self.lock();
         let key: KeyId = (addr.clone(), index);
+        let configured = self.policy();
         let policy = match addr {
             // Datagrams have no connections to hand out: always the shared socket, as in Node.
             BindAddr::Udp(_) => SchedulingPolicy::Shared,
-            BindAddr::Unix(_) if self.policy == SchedulingPolicy::ReusePort => {
+            BindAddr::Unix(_) if configured == SchedulingPolicy::ReusePort => {
                 SchedulingPolicy::Shared
             }
-            _ => self.policy,
+            _ => configured,
         };
         // Node's rule: a second listen on a fixed port in the same worker is EADDRINUSE (with
         // port 0 it gets a port of its own, through its own key).

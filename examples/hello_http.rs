@@ -1,0 +1,78 @@
+//! Node's first cluster example, production-grade: every worker serves HTTP on one shared port.
+//!
+//! ```sh
+//! PORT=8000 CLUSTER_WORKERS=4 cargo run --release --example hello_http
+//! curl -i http://127.0.0.1:8000/    # 200, `hello world`, and `x-worker-id`
+//! ```
+//!
+//! A worker that dies unplanned is replaced. The primary obeys SIGTERM/SIGINT (graceful
+//! shutdown), SIGHUP (rolling reload), SIGTTIN/SIGTTOU (one worker more/fewer).
+
+use std::convert::Infallible;
+
+use cluster::Event;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+
+#[cluster::main(workers = "auto")]
+async fn main() -> anyhow::Result<()> {
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8000);
+
+    #[primary(cluster)]
+    {
+        println!("Primary {} is running", std::process::id());
+        while let Some(event) = cluster.next_event().await {
+            match event {
+                Event::Exit { worker, status }
+                    if worker.exited_after_disconnect() != Some(true) =>
+                {
+                    println!("worker {} died ({status}). Restarting...", worker.pid());
+                    cluster.fork()?;
+                }
+                Event::Error { worker, error } => {
+                    let who = worker.map_or("primary".to_owned(), |w| format!("worker {}", w.id()));
+                    eprintln!("{who}: {error}");
+                }
+                _ => {}
+            }
+        }
+    }
+    #[worker(worker)]
+    {
+        let listener = cluster::net::TcpListener::bind(("0.0.0.0", port)).await?;
+        println!("Worker {} started", std::process::id());
+        let id = worker.id().to_string();
+        let graceful = GracefulShutdown::new();
+        while let Some(conn) = listener.next().await {
+            let Ok((stream, _)) = conn else { continue };
+            let id = id.clone();
+            let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                let id = id.clone();
+                async move {
+                    let mut res = Response::new(Full::new(Bytes::from_static(b"hello world\n")));
+                    res.headers_mut().insert(
+                        "x-worker-id",
+                        id.parse().expect("a number is a header value"),
+                    );
+                    Ok::<_, Infallible>(res)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+        // Disconnected: the listener is closed; let in-flight requests finish, close idle
+        // keep-alive connections, then leave.
+        graceful.shutdown().await;
+    }
+    Ok(())
+}
