@@ -246,11 +246,12 @@ async fn read_primary<W: Message>(
                         let _ = h.send(Ok(()));
                     }
                 }
-                Control::Refuse { reason } => {
-                    if let Some(h) = hello.take() {
-                        let _ = h.send(Err(reason));
-                    }
-                }
+                // Exit here, not in the task awaiting the handshake: the primary closes the
+                // channel right after, and the end of the channel must not read as its death.
+                Control::Refuse { reason } => fatal(&format!(
+                    "worker {} refused by the primary: {reason}",
+                    link.id
+                )),
                 Control::Disconnect => {
                     inbox = None;
                     link.begin_disconnect(false);

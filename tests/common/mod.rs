@@ -1,0 +1,241 @@
+//! Shared helpers for integration tests: run fixture programs as real processes, read their
+//! output line by line with a deadline, and always reap them.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Default deadline for any single wait in a test.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Path of an example binary, building it first if `cargo test` has not.
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>")
+        .to_path_buf();
+    let path = dir.join("examples").join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--example", name]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building example {name} failed");
+    }
+    path
+}
+
+/// A running program whose stdout lines arrive through a channel; killed and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Proc {
+    /// Starts example `name` with `env`.
+    pub fn start(name: &str, env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(example(name));
+        cmd.envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.env_remove("CLUSTER_WORKER_ID");
+        Proc::spawn(cmd)
+    }
+
+    /// Starts example `name` with `env` and a stdin for [`Proc::send`].
+    pub fn scripted(name: &str, env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(example(name));
+        cmd.envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.env_remove("CLUSTER_WORKER_ID");
+        Proc::spawn(cmd)
+    }
+
+    /// Writes one command line to the program's stdin.
+    pub fn send(&mut self, cmd: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("started with `scripted`");
+        writeln!(stdin, "{cmd}").expect("write command");
+        stdin.flush().expect("flush command");
+    }
+
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd.spawn().expect("spawn fixture");
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let s2 = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[child stderr] {line}");
+                let mut s = s2.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Proc {
+            child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next stdout line, within `WAIT`.
+    pub fn line(&mut self) -> String {
+        self.line_within(WAIT).unwrap_or_else(|| {
+            panic!(
+                "no output line within {WAIT:?}; seen so far: {:#?}\nstderr: {}",
+                self.seen,
+                self.stderr()
+            )
+        })
+    }
+
+    pub fn line_within(&mut self, d: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(d).ok()?;
+        self.seen.push(line.clone());
+        Some(line)
+    }
+
+    /// Reads lines until one satisfies `pred`, within `WAIT`; returns it.
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.line_within(left) {
+                Some(l) if pred(&l) => return l,
+                Some(_) => {}
+                None => panic!(
+                    "waited {WAIT:?} for {what}; seen: {:#?}\nstderr: {}",
+                    self.seen,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// A line already seen that satisfies `pred`, or the next one that does.
+    pub fn seen_or_wait(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        self.wait_for(what, pred)
+    }
+
+    /// Waits for the line that starts with `prefix`; returns the rest.
+    pub fn expect_prefix(&mut self, prefix: &str) -> String {
+        let l = self.wait_for(prefix, |l| l.starts_with(prefix));
+        l[prefix.len()..].trim().to_owned()
+    }
+
+    /// Everything the program wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for the process to exit, within `WAIT`; returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                // Drain the rest of stdout so tests can look at it.
+                while let Some(_l) = self.line_within(Duration::from_millis(200)) {}
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {} did not exit within {WAIT:?}; seen: {:#?}",
+                self.pid(),
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stdin.take();
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `pid` is gone, within `WAIT`.
+pub fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + WAIT;
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} still alive after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills a worker pid we learned from a fixture, if it is still there (cleanup on failure).
+pub struct KillOnDrop(pub Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if alive(*pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
