@@ -9,6 +9,7 @@
 //! shutdown), SIGHUP (rolling reload), SIGTTIN/SIGTTOU (one worker more/fewer).
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use cluster::Event;
 use http_body_util::Full;
@@ -16,6 +17,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::signal::unix::{SignalKind, signal};
 
 #[cluster::main(workers = "auto")]
 async fn main() -> anyhow::Result<()> {
@@ -27,7 +29,42 @@ async fn main() -> anyhow::Result<()> {
     #[primary(cluster)]
     {
         println!("Primary {} is running", std::process::id());
-        while let Some(event) = cluster.next_event().await {
+        let grace = Duration::from_secs(
+            std::env::var("CLUSTER_SHUTDOWN_TIMEOUT")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(30),
+        );
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut ttin = signal(SignalKind::from_raw(nix::libc::SIGTTIN))?;
+        let mut ttou = signal(SignalKind::from_raw(nix::libc::SIGTTOU))?;
+        loop {
+            let event = tokio::select! {
+                e = cluster.next_event() => e,
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    println!("SIGHUP: rolling reload");
+                    let c = cluster.clone();
+                    tokio::spawn(async move {
+                        match c.reload(grace).await {
+                            Ok(()) => println!("reload complete"),
+                            Err(e) => eprintln!("{e}"),
+                        }
+                    });
+                    continue;
+                }
+                _ = ttin.recv() => { cluster.fork()?; continue; }
+                _ = ttou.recv() => {
+                    if let Some(w) = cluster.workers().last() {
+                        w.disconnect();
+                    }
+                    continue;
+                }
+            };
+            let Some(event) = event else { break };
             match event {
                 Event::Exit { worker, status }
                     if worker.exited_after_disconnect() != Some(true) =>
@@ -42,6 +79,18 @@ async fn main() -> anyhow::Result<()> {
                 _ => {}
             }
         }
+        println!(
+            "Shutting down: draining workers (up to {}s; Ctrl-C again to force)",
+            grace.as_secs()
+        );
+        let clean = tokio::select! {
+            clean = cluster.shutdown(grace) => clean,
+            _ = int.recv() => cluster.shutdown(Duration::ZERO).await,
+        };
+        if !clean {
+            anyhow::bail!("shutdown timed out; remaining workers were killed");
+        }
+        println!("all workers exited");
     }
     #[worker(worker)]
     {

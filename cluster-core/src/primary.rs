@@ -70,6 +70,8 @@ pub(crate) struct Registry<W> {
     map: Mutex<BTreeMap<u32, WorkerRef<W>>>,
     /// Workers not yet both disconnected and exited, whether or not still in `map`.
     live: watch::Sender<usize>,
+    /// The same workers, for shutdown: a disconnected worker may still need a SIGKILL.
+    alive: Mutex<BTreeMap<u32, WorkerRef<W>>>,
 }
 
 impl<W> Registry<W> {
@@ -108,6 +110,7 @@ impl<P: Message, W: Message> Primary<P, W> {
                 registry: Arc::new(Registry {
                     map: Mutex::new(BTreeMap::new()),
                     live,
+                    alive: Mutex::new(BTreeMap::new()),
                 }),
                 events_tx,
                 events_rx: tokio::sync::Mutex::new(events_rx),
@@ -275,6 +278,12 @@ impl<P: Message, W: Message> Primary<P, W> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, worker.clone());
+        inner
+            .registry
+            .alive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, worker.clone());
         inner.registry.live.send_modify(|n| *n += 1);
         let _ = inner.events_tx.send(Event::Fork {
             worker: worker.clone(),
@@ -395,6 +404,78 @@ impl<P: Message, W: Message> Primary<P, W> {
         self.wait_for_exits().await;
     }
 
+    /// Graceful shutdown: disconnects every worker (their servers stop taking connections and
+    /// in-flight work finishes), waits up to `grace` for all to exit, then SIGKILLs the
+    /// stragglers. Returns `true` when every worker left within `grace`.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        if tokio::time::timeout(grace, self.disconnect()).await.is_ok() {
+            return true;
+        }
+        let stragglers: Vec<WorkerRef<W>> = self
+            .inner
+            .registry
+            .alive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for w in stragglers {
+            let _ = w.kill_with(nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.wait_for_exits()).await;
+        false
+    }
+
+    /// Zero-downtime rolling reload: for each worker in turn, forks its replacement, waits until
+    /// the replacement listens (or is online, for a worker without servers), then disconnects
+    /// the old one and waits for its exit (SIGKILL after `grace`). When a replacement fails to
+    /// start within `grace`, the reload stops with an error and the old workers keep serving.
+    pub async fn reload(&self, grace: Duration) -> Result<(), Error> {
+        for old in self.workers() {
+            if !old.is_connected() {
+                continue;
+            }
+            let listening = old.state() == WorkerState::Listening;
+            let new = self.fork()?;
+            let ready = tokio::time::timeout(grace, async {
+                loop {
+                    let st = new.state();
+                    if new.is_dead() || !new.is_connected() {
+                        return false;
+                    }
+                    if st == WorkerState::Listening || (!listening && st == WorkerState::Online) {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .unwrap_or(false);
+            if !ready {
+                let _ = new.kill_with(nix::sys::signal::Signal::SIGKILL);
+                return Err(Error::new(
+                    ErrorKind::Spawn,
+                    format!(
+                        "reload stopped: replacement worker {} did not become ready; the old workers keep serving",
+                        new.id()
+                    ),
+                ));
+            }
+            old.disconnect();
+            let gone = tokio::time::timeout(grace, async {
+                while !old.is_dead() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            if gone.is_err() {
+                let _ = old.kill_with(nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        Ok(())
+    }
+
     /// Waits until every worker has both disconnected and exited.
     pub async fn wait_for_exits(&self) {
         let mut live = self.inner.registry.live.subscribe();
@@ -448,6 +529,11 @@ impl<P: Message, W: Message> Inner<P, W> {
     /// Both disconnected and exited: the worker leaves the registry, before its last event.
     fn finish(&self, w: &WorkerRef<W>) {
         self.registry.remove(w.id());
+        self.registry
+            .alive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&w.id());
         self.registry.live.send_modify(|n| *n = n.saturating_sub(1));
     }
 }

@@ -121,6 +121,13 @@ where
         Role::Worker { id, channel } => {
             sys::set_parent_death_signal();
             runtime(config.worker_flavor).block_on(async move {
+                // A terminal's Ctrl-C or hang-up reaches the whole process group; the primary
+                // orchestrates shutdown and reload, so workers catch SIGINT and SIGHUP instead of
+                // dying mid-request.
+                let _sigint =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+                let _sighup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
                 let worker = Worker::<P, W>::start(id, channel, config.max_frame).await;
                 let out = main(Context {
                     primary: None,
