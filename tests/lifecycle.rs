@@ -261,7 +261,7 @@ fn cluster_disconnect_waits_for_every_exit_and_works_with_zero_workers() {
     }
     // Again, with nobody left: completes at once.
     p.send("disconnect_all");
-    p.seen_or_wait("done again", |l| l == "disconnected workers=0");
+    p.wait_for("done again", |l| l == "disconnected workers=0");
     p.seen_or_wait("events ended", |l| l == "events ended");
 }
 
