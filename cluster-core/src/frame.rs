@@ -254,15 +254,13 @@ mod tests {
         fn any_bytes_give_frames_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..4096),
                                              chunk in 1usize..600, max in 0usize..2048) {
             let mut d = Decoder::new(max);
-            match feed(&mut d, &bytes, chunk) {
-                Ok(frames) => {
-                    for (nfds, p) in frames {
-                        prop_assert!(nfds <= MAX_FDS_PER_FRAME);
-                        prop_assert!(p.len() <= max);
-                    }
-                    let _ = d.finish();
+            // An error is a fine outcome; a panic or a huge buffer is not.
+            if let Ok(frames) = feed(&mut d, &bytes, chunk) {
+                for (nfds, p) in frames {
+                    prop_assert!(nfds <= MAX_FDS_PER_FRAME);
+                    prop_assert!(p.len() <= max);
                 }
-                Err(_) => {}
+                let _ = d.finish();
             }
             prop_assert!(d.capacity() <= READ_CHUNK + max + HEADER_LEN);
         }

@@ -624,7 +624,7 @@ async fn read_worker<P: Message, W: Message>(
                     w.shared.lock().state = WorkerState::Listening;
                     inner.emit(Event::Listening {
                         worker: w.clone(),
-                        address: addr.into(),
+                        address: addr,
                     });
                 }
                 other => inner.servers.handle(id, &w.shared.outbox, other, fds),

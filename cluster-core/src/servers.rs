@@ -169,10 +169,10 @@ impl Servers {
             KeyKind::Shared(fd) => Ok((Grant::Handle, bound, vec![fd.try_clone()?])),
             KeyKind::ReusePort(slots) => {
                 let slot = slot.expect("reuseport keys have slots");
-                if !slots.contains_key(&slot) {
+                if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(slot) {
                     // Same address and port as the first slot, so port 0 is shared too.
                     let (fd, _) = bind(&bound, true)?;
-                    slots.insert(slot, fd);
+                    e.insert(fd);
                 }
                 Ok((Grant::Handle, bound, vec![slots[&slot].try_clone()?]))
             }

@@ -103,11 +103,14 @@ impl Link {
     }
 }
 
+/// Messages from the primary waiting for `recv`, with the descriptor that came with each.
+type Inbox<W> = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(W, Option<OwnedFd>)>>>;
+
 /// This worker's own handle (Node's `cluster.worker`): its id, typed messages both ways,
 /// `disconnect` and `kill`.
 pub struct Worker<P = (), W = ()> {
     link: Arc<Link>,
-    inbox: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(W, Option<OwnedFd>)>>>,
+    inbox: Inbox<W>,
     _p: PhantomData<fn(P)>,
 }
 
