@@ -98,7 +98,7 @@ fn binding(attr: &Attribute, role: Role) -> syn::Result<Option<Ident>> {
     }
 }
 
-pub fn build(mut func: ItemFn) -> Result<Model, (Error, ItemFn)> {
+pub fn build(mut func: ItemFn) -> Result<Model, Error> {
     let mut errors = None;
     let sig = &func.sig;
     if sig.asyncness.is_none() {
@@ -222,10 +222,7 @@ pub fn build(mut func: ItemFn) -> Result<Model, (Error, ItemFn)> {
             primary,
             worker,
         }),
-        (e, _, _) => Err((
-            e.unwrap_or_else(|| Error::new(Span::call_site(), "invalid `main`")),
-            func,
-        )),
+        (e, _, _) => Err(e.unwrap_or_else(|| Error::new(Span::call_site(), "invalid `main`"))),
     }
 }
 

@@ -17,29 +17,29 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return quote!(#err #item);
         }
     };
+    // Only the header is needed for the fallback; keep it before the body is consumed.
+    let mut header = func.clone();
+    header.block.stmts.clear();
     match try_expand(args, func) {
         Ok(ts) => ts,
-        Err((e, func)) => fallback(e, &func),
+        Err(e) => fallback(e, &header),
     }
 }
 
-fn try_expand(args: TokenStream, func: ItemFn) -> Result<TokenStream, (syn::Error, ItemFn)> {
+fn try_expand(args: TokenStream, func: ItemFn) -> Result<TokenStream, syn::Error> {
     let args = match args::parse_main(args) {
         Ok(a) => a,
         Err(e) => {
             // Validate the function too, so every mistake shows in one build.
             let e = match model::build(func.clone()) {
                 Ok(_) => e,
-                Err((mut more, _)) => {
+                Err(more) => {
                     let mut all = e;
-                    all.combine(std::mem::replace(
-                        &mut more,
-                        syn::Error::new(Span::call_site(), ""),
-                    ));
+                    all.combine(more);
                     all
                 }
             };
-            return Err((e, func));
+            return Err(e);
         }
     };
     let model = model::build(func)?;
