@@ -347,6 +347,8 @@ pub(crate) struct RoundRobin {
     pub(crate) id: u32,
     st: Mutex<RrState>,
     stop: tokio::sync::Notify,
+    /// A second descriptor of the listening socket, to stop it listening at once on close.
+    listener: Mutex<Option<OwnedFd>>,
 }
 
 #[derive(Default)]
@@ -354,7 +356,7 @@ struct RrState {
     members: Vec<(u32, Arc<Outbox>)>,
     next: usize,
     /// Connections sent to each worker and not yet acknowledged, oldest first.
-    inflight: HashMap<u32, VecDeque<OwnedFd>>,
+    inflight: HashMap<u32, VecDeque<Option<OwnedFd>>>,
     /// Connections waiting for a member (none listening right now).
     backlog: VecDeque<OwnedFd>,
     stopped: bool,
@@ -366,6 +368,7 @@ impl RoundRobin {
             id,
             st: Mutex::new(RrState::default()),
             stop: tokio::sync::Notify::new(),
+            listener: Mutex::new(listener.try_clone().ok()),
         });
         let afd = sys::async_listener(listener)?;
         let me = rr.clone();
@@ -445,7 +448,7 @@ impl RoundRobin {
         let mut st = self.lock();
         st.members.retain(|(m, _)| *m != id);
         let orphans = st.inflight.remove(&id).unwrap_or_default();
-        for conn in orphans {
+        for conn in orphans.into_iter().flatten() {
             st.give(self.id, conn);
         }
     }
@@ -465,6 +468,19 @@ impl RoundRobin {
         st.backlog.clear();
         st.inflight.clear();
         drop(st);
+        // The accept loop closes its descriptor when it sees `stop`, later; leave the LISTEN
+        // state now, so the port can be bound again (SO_REUSEADDR) as soon as this returns.
+        if let Some(fd) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
         self.stop.notify_one();
     }
 }
@@ -480,13 +496,23 @@ impl RrState {
             let i = self.next % n;
             self.next = self.next.wrapping_add(1);
             let (id, outbox) = &self.members[i];
-            let Ok(copy) = conn.try_clone() else { break };
+            let id = *id;
+            let Ok(copy) = conn.try_clone() else {
+                // Out of descriptors: hand over the original without keeping a copy, so its
+                // descriptor frees once sent (keeping it would hold the table full forever).
+                if outbox
+                    .send(&Wire::<()>::Control(Control::Conn { server }), vec![conn])
+                    .is_ok()
+                {
+                    self.inflight.entry(id).or_default().push_back(None);
+                }
+                return;
+            };
             if outbox
                 .send(&Wire::<()>::Control(Control::Conn { server }), vec![copy])
                 .is_ok()
             {
-                let id = *id;
-                self.inflight.entry(id).or_default().push_back(conn);
+                self.inflight.entry(id).or_default().push_back(Some(conn));
                 return;
             }
         }

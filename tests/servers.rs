@@ -1,0 +1,705 @@
+//! Shared server ports with real processes and real sockets (loopback only): port 0 shared by
+//! every worker, round-robin spread, the three policies, bind errors and retry, a second listen,
+//! re-listen after close, Unix-domain listeners, UDP, connections queued for a worker that is
+//! killed, and descriptor exhaustion in the primary. Every wait is bounded.
+//!
+//! The fixture is `tests/fixtures/servers.rs`, driven through its stdin.
+
+mod common;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{KillOnDrop, Proc, WAIT, alive, wait_gone};
+
+const FIXTURE: &str = "fixture_servers";
+
+/// The fixture's primary, its stdin, and the worker pids it reported (killed on drop).
+struct Fixture {
+    p: Proc,
+    workers: KillOnDrop,
+    /// Lines read but not consumed yet, in order.
+    pending: VecDeque<String>,
+}
+
+impl Fixture {
+    fn start(workers: usize, policy: &str, env: &[(&str, &str)]) -> Fixture {
+        let mut cmd = Command::new(common::example(FIXTURE));
+        cmd.env_remove("CLUSTER_WORKER_ID")
+            .env_remove("ADDR")
+            .env_remove("NOFILE")
+            .env_remove("UDP_EXPECT")
+            .env("CLUSTER_WORKERS", workers.to_string())
+            .env("CLUSTER_SCHED_POLICY", policy)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Fixture {
+            p: Proc::spawn(cmd),
+            workers: KillOnDrop(Vec::new()),
+            pending: VecDeque::new(),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.p.pid()
+    }
+
+    /// Sends one command line to the primary.
+    fn send(&mut self, cmd: &str) {
+        self.p.send(cmd);
+    }
+
+    /// The next new line, within `left`; records worker pids.
+    fn read(&mut self, left: Duration) -> Option<String> {
+        let line = self.p.line_within(left)?;
+        if let Some(rest) = line.strip_prefix("worker ") {
+            let pid = rest.split_whitespace().nth(2).and_then(|p| p.parse().ok());
+            if let Some(pid) = pid {
+                self.workers.0.push(pid);
+            }
+        }
+        Some(line)
+    }
+
+    /// The first line (pending or new) that starts with `prefix`, within `WAIT`; the rest after
+    /// the prefix. Lines that do not match stay pending for later calls.
+    fn expect(&mut self, prefix: &str) -> String {
+        if let Some(i) = self.pending.iter().position(|l| l.starts_with(prefix)) {
+            let l = self.pending.remove(i).expect("index found");
+            return l[prefix.len()..].trim().to_owned();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(left) {
+                Some(l) if l.starts_with(prefix) => return l[prefix.len()..].trim().to_owned(),
+                Some(l) => self.pending.push_back(l),
+                None => panic!(
+                    "waited {WAIT:?} for `{prefix}`; seen: {:#?}\nstderr: {}",
+                    self.p.seen,
+                    self.p.stderr()
+                ),
+            }
+        }
+    }
+
+    /// The first line that starts with `a` or `b`, whole.
+    fn expect_either(&mut self, a: &str, b: &str) -> String {
+        let hit = |l: &String| l.starts_with(a) || l.starts_with(b);
+        if let Some(i) = self.pending.iter().position(hit) {
+            return self.pending.remove(i).expect("index found");
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(left) {
+                Some(l) if hit(&l) => return l,
+                Some(l) => self.pending.push_back(l),
+                None => panic!(
+                    "waited {WAIT:?} for `{a}` or `{b}`; seen: {:#?}\nstderr: {}",
+                    self.p.seen,
+                    self.p.stderr()
+                ),
+            }
+        }
+    }
+
+    /// `n` lines `<prefix><worker id> <rest>`, as (id, rest).
+    fn expect_n(&mut self, prefix: &str, n: usize) -> Vec<(u32, String)> {
+        (0..n)
+            .map(|_| {
+                let rest = self.expect(prefix);
+                let (id, rest) = rest.split_once(' ').unwrap_or((&rest, ""));
+                (id.parse().expect("worker id"), rest.to_owned())
+            })
+            .collect()
+    }
+
+    /// Waits for `n` workers' `listening` reports and returns the one address they share.
+    fn shared_addr(&mut self, n: usize) -> String {
+        let got = self.expect_n("listening ", n);
+        let first = got[0].1.clone();
+        assert!(
+            got.iter().all(|(_, a)| *a == first),
+            "workers listen on different addresses: {got:?}"
+        );
+        let mut ids: Vec<u32> = got.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "one report per worker: {got:?}");
+        first
+    }
+
+    /// Disconnects the cluster, expects a clean exit of the primary and of every worker.
+    fn quit(&mut self) {
+        self.send("quit");
+        self.expect("bye");
+        let status = self.p.wait_exit();
+        assert!(
+            status.success(),
+            "primary exited with {status}; stderr: {}",
+            self.p.stderr()
+        );
+        for pid in &self.workers.0 {
+            wait_gone(*pid);
+        }
+    }
+
+    /// Every line the primary printed so far.
+    fn seen(&self) -> &[String] {
+        &self.p.seen
+    }
+}
+
+fn sock(addr: &str) -> SocketAddr {
+    addr.parse()
+        .unwrap_or_else(|_| panic!("not a socket address: {addr}"))
+}
+
+/// Connects to `addr` (bounded), not reading yet.
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s =
+        TcpStream::connect_timeout(&addr, WAIT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(WAIT)).expect("read timeout");
+    s
+}
+
+/// Reads the worker id the fixture writes on each connection, within `WAIT`.
+fn answer(mut s: impl Read) -> u32 {
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .expect("read the answer within WAIT");
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a worker id: {text:?}"))
+}
+
+/// One connection: the id of the worker that served it.
+fn ask(addr: SocketAddr) -> u32 {
+    answer(connect(addr))
+}
+
+/// A listener on a free port below the kernel's ephemeral range, so that neither a `:0` bind
+/// nor an outgoing connection (of this or a concurrent test) takes the port while the test has
+/// it closed on purpose.
+fn hold_port() -> std::net::TcpListener {
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let base = low.saturating_sub(12000).max(1024);
+    let span = low - base;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    (0..2000u32)
+        .find_map(|i| {
+            let port = base + seed.wrapping_add(i.wrapping_mul(7919)) % span;
+            std::net::TcpListener::bind(("127.0.0.1", port as u16)).ok()
+        })
+        .expect("a free port below the ephemeral range")
+}
+
+/// A free port below the ephemeral range (see [`hold_port`]).
+fn free_port() -> u16 {
+    hold_port().local_addr().expect("local addr").port()
+}
+
+/// Connections to `addr` are refused within `WAIT` (the server socket closed).
+fn wait_refused(addr: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr} still accepts connections after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("cluster-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn port_zero_is_shared_by_every_worker() {
+    let mut fx = Fixture::start(3, "round-robin", &[]);
+    let addr = fx.shared_addr(3);
+    let port = sock(&addr).port();
+    assert_ne!(port, 0, "local_addr() reports the real port");
+    // Event::Listening agrees with the workers, once per worker.
+    let events = fx.expect_n("event-listening ", 3);
+    for (id, a) in &events {
+        assert_eq!(*a, addr, "Event::Listening of worker {id}");
+    }
+    for _ in 0..3 {
+        let id = ask(sock(&addr));
+        assert!((1..=3).contains(&id), "served by worker {id}");
+    }
+    fx.quit();
+    let events = fx
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("event-listening "))
+        .count();
+    assert_eq!(
+        events,
+        3,
+        "Event::Listening once per listener: {:#?}",
+        fx.seen()
+    );
+}
+
+#[test]
+fn round_robin_spreads_new_connections_evenly() {
+    const W: usize = 3;
+    const N: usize = 30;
+    let mut fx = Fixture::start(W, "round-robin", &[]);
+    let addr = sock(&fx.shared_addr(W));
+    // All N at once, then read them: each is dispatched as it is accepted.
+    let conns: Vec<TcpStream> = (0..N).map(|_| connect(addr)).collect();
+    let mut per: BTreeMap<u32, usize> = BTreeMap::new();
+    for c in conns {
+        *per.entry(answer(c)).or_default() += 1;
+    }
+    let fair = N / W;
+    assert_eq!(per.len(), W, "every worker served: {per:?}");
+    for (id, n) in &per {
+        assert!(
+            n.abs_diff(fair) <= 1,
+            "worker {id} served {n} of {N}, expected {fair} +/- 1: {per:?}"
+        );
+    }
+    fx.quit();
+}
+
+#[test]
+fn every_policy_serves_the_same_fixture() {
+    for policy in ["round-robin", "shared", "reuseport"] {
+        let mut fx = Fixture::start(3, policy, &[]);
+        let addr = fx.shared_addr(3);
+        assert_ne!(sock(&addr).port(), 0);
+        let events = fx.expect_n("event-listening ", 3);
+        assert!(
+            events.iter().all(|(_, a)| *a == addr),
+            "{policy}: Event::Listening {events:?} vs {addr}"
+        );
+        let conns: Vec<TcpStream> = (0..12).map(|_| connect(sock(&addr))).collect();
+        for c in conns {
+            let id = answer(c);
+            assert!((1..=3).contains(&id), "{policy}: served by worker {id}");
+        }
+        fx.quit();
+    }
+}
+
+#[test]
+fn bind_error_names_the_address_and_a_retry_succeeds() {
+    let held = hold_port();
+    let addr = held.local_addr().expect("held addr").to_string();
+    let mut fx = Fixture::start(1, "round-robin", &[("ADDR", &addr)]);
+    let err = fx.expect("bind-error 1 ");
+    let (kind, msg) = err.split_once(' ').expect("kind and message");
+    assert_eq!(kind, "AddrInUse", "{err}");
+    assert!(msg.contains(&addr), "the error names {addr}: {msg}");
+    // The failed key was forgotten: once the port is free, the same bind works.
+    drop(held);
+    fx.send("listen all");
+    let got = fx.expect("listening 1 ");
+    assert_eq!(got, addr);
+    assert_eq!(ask(sock(&addr)), 1);
+    fx.quit();
+}
+
+#[test]
+fn second_listen_in_one_worker() {
+    // Port 0: a second listen gets a port of its own (shared by the workers' second listens).
+    let mut fx = Fixture::start(2, "round-robin", &[]);
+    let first = fx.shared_addr(2);
+    fx.send("listen all");
+    let second = fx.shared_addr(2);
+    assert_ne!(
+        sock(&first).port(),
+        sock(&second).port(),
+        "second listen on :0 gets a new port"
+    );
+    assert!((1..=2).contains(&ask(sock(&first))));
+    assert!((1..=2).contains(&ask(sock(&second))));
+    fx.quit();
+
+    // A fixed port: the second listen in the same worker is EADDRINUSE; the first still serves.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut fx = Fixture::start(2, "round-robin", &[("ADDR", &addr)]);
+    assert_eq!(fx.shared_addr(2), addr);
+    fx.send("listen all");
+    for (id, err) in fx.expect_n("bind-error ", 2) {
+        let (kind, msg) = err.split_once(' ').expect("kind and message");
+        assert_eq!(kind, "AddrInUse", "worker {id}: {err}");
+        assert!(
+            msg.contains(&addr),
+            "worker {id}: the error names {addr}: {msg}"
+        );
+    }
+    for _ in 0..4 {
+        assert!((1..=2).contains(&ask(sock(&addr))));
+    }
+    fx.quit();
+}
+
+#[test]
+fn relisten_after_close() {
+    // A fixed port outside the ephemeral range: nothing else takes it while it is closed.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut fx = Fixture::start(2, "round-robin", &[("ADDR", &addr)]);
+    assert_eq!(fx.shared_addr(2), addr);
+    fx.expect_n("event-listening ", 2);
+    fx.send("close all");
+    fx.expect_n("closed ", 2);
+    // The last worker left: the primary closed the socket.
+    wait_refused(sock(&addr));
+    // The same port again.
+    fx.send(&format!("listen all {addr}"));
+    assert_eq!(fx.shared_addr(2), addr);
+    // Event::Listening fires for the new listeners too.
+    for (_, a) in fx.expect_n("event-listening ", 2) {
+        assert_eq!(a, addr);
+    }
+    let served: Vec<u32> = (0..4).map(|_| ask(sock(&addr))).collect();
+    assert!(served.iter().all(|id| (1..=2).contains(id)), "{served:?}");
+    fx.quit();
+    let events = fx
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("event-listening "))
+        .count();
+    assert_eq!(events, 4, "once per listener: {:#?}", fx.seen());
+}
+
+/// Closing the last listener on a fixed port and listening on it again straight away works
+/// under every policy: the primary's socket is closed by the time the close is processed.
+#[test]
+fn relisten_at_once_on_the_same_port() {
+    for policy in ["round-robin", "shared", "reuseport"] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut fx = Fixture::start(1, policy, &[("ADDR", &addr)]);
+        assert_eq!(fx.expect("listening 1 "), addr);
+        for round in 0..5 {
+            // Both commands at once: the worker closes, then listens again, with no pause.
+            fx.send("close all");
+            fx.send(&format!("listen all {addr}"));
+            fx.expect("closed 1");
+            let next = fx.expect_either("listening 1 ", "bind-error 1 ");
+            assert_eq!(
+                next,
+                format!("listening 1 {addr}"),
+                "{policy}, round {round}: re-listen right after close"
+            );
+            assert_eq!(ask(sock(&addr)), 1);
+        }
+        fx.quit();
+    }
+}
+
+#[test]
+fn unix_domain_listener() {
+    for policy in ["round-robin", "shared"] {
+        let dir = TempDir::new("servers-unix");
+        let path = dir.0.join("s.sock");
+        let addr = format!("unix:{}", path.display());
+        let mut fx = Fixture::start(2, policy, &[("ADDR", &addr)]);
+        assert_eq!(fx.shared_addr(2), path.display().to_string());
+        let conns: Vec<_> = (0..6)
+            .map(|_| {
+                let s = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+                s.set_read_timeout(Some(WAIT)).expect("read timeout");
+                s
+            })
+            .collect();
+        let mut per: BTreeMap<u32, usize> = BTreeMap::new();
+        for c in conns {
+            *per.entry(answer(c)).or_default() += 1;
+        }
+        assert!(
+            per.keys().all(|id| (1..=2).contains(id)),
+            "{policy}: {per:?}"
+        );
+        if policy == "round-robin" {
+            assert_eq!(
+                per,
+                BTreeMap::from([(1, 3), (2, 3)]),
+                "round-robin alternates"
+            );
+        }
+        fx.quit();
+        // The primary removes the socket file when the last worker leaves.
+        let deadline = Instant::now() + WAIT;
+        while path.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{policy}: {} still exists",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn udp_on_four_workers_receives_every_datagram() {
+    const COUNT: u32 = 200;
+    let expect = COUNT.to_string();
+    let mut fx = Fixture::start(
+        4,
+        "round-robin",
+        &[("ADDR", "udp:127.0.0.1:0"), ("UDP_EXPECT", &expect)],
+    );
+    let addr = sock(&fx.shared_addr(4));
+    assert_ne!(addr.port(), 0);
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+    for seq in 0..COUNT {
+        client
+            .send_to(seq.to_string().as_bytes(), addr)
+            .expect("send a datagram");
+        // A modest pace: the test is about sharing, not about overflowing buffers.
+        if seq % 10 == 9 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let all = fx.expect("udp-all ");
+    let (reports, per) = all.split_once(' ').expect("reports and counts");
+    assert_eq!(
+        reports, expect,
+        "each datagram received exactly once: {all}"
+    );
+    let sum: u32 = per
+        .split(',')
+        .map(|kv| {
+            kv.split_once('=')
+                .expect("id=count")
+                .1
+                .parse::<u32>()
+                .expect("count")
+        })
+        .sum();
+    assert_eq!(sum, COUNT, "{all}");
+    fx.quit();
+}
+
+#[test]
+fn connections_queued_for_a_killed_worker_are_not_lost() {
+    const N: usize = 10;
+    let mut fx = Fixture::start(2, "round-robin", &[]);
+    let addr = sock(&fx.shared_addr(2));
+    let victim_pid = {
+        // Worker 1's pid, for the check that it is gone.
+        let line = fx
+            .seen()
+            .iter()
+            .find(|l| l.starts_with("worker 1 pid "))
+            .cloned()
+            .expect("worker 1 forked");
+        line["worker 1 pid ".len()..].parse::<u32>().expect("pid")
+    };
+    // Worker 1 stops accepting but keeps its listener: round-robin still hands it connections.
+    fx.send("pause 1");
+    fx.expect("paused 1");
+    let (tx, rx) = mpsc::channel();
+    let readers: Vec<_> = (0..N)
+        .map(|i| {
+            let s = connect(addr);
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send((i, answer(s)));
+            })
+        })
+        .collect();
+    drop(tx);
+    // Half go to worker 2 and are served at once; the other half wait in worker 1.
+    let mut early = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while let Ok(a) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        early.push(a);
+    }
+    assert!(
+        early.iter().all(|(_, id)| *id == 2),
+        "only worker 2 serves while worker 1 is paused: {early:?}"
+    );
+    assert_eq!(
+        early.len(),
+        N / 2,
+        "round-robin queued half for worker 1: {early:?}"
+    );
+    fx.send("kill 1");
+    let status = fx.expect("exit 1 ");
+    assert_eq!(status, "SIGKILL");
+    wait_gone(victim_pid);
+    // Every connection queued for worker 1 is served by worker 2.
+    let mut late = Vec::new();
+    while late.len() < N - early.len() {
+        match rx.recv_timeout(WAIT) {
+            Ok(a) => late.push(a),
+            Err(_) => {
+                panic!("connections lost with worker 1: served early {early:?}, late {late:?}")
+            }
+        }
+    }
+    assert!(late.iter().all(|(_, id)| *id == 2), "{late:?}");
+    for r in readers {
+        r.join().expect("reader thread");
+    }
+    fx.quit();
+}
+
+/// User plus system CPU time of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    // After the command: state is field 3, utime 14, stime 15.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Out of descriptors (the fixture takes every free one), the primary's accept loop backs off
+/// instead of spinning, and serves the connections that waited once descriptors free up.
+#[test]
+fn accept_loop_backs_off_when_the_primary_is_out_of_descriptors() {
+    const LIMIT: usize = 64;
+    const N: usize = 20;
+    let limit = LIMIT.to_string();
+    let mut fx = Fixture::start(2, "round-robin", &[("NOFILE", &limit)]);
+    assert_eq!(fx.expect("nofile "), limit);
+    let addr = sock(&fx.shared_addr(2));
+    // No connection before: nothing the primary holds frees a descriptor behind our back.
+    let primary = fx.pid();
+    fx.send("hoard");
+    let hoarded = fx.expect("hoarded ");
+    assert!(
+        hoarded.ends_with(&format!(" {}", nix::libc::EMFILE)),
+        "hoarding ends with EMFILE: {hoarded}"
+    );
+    assert!(open_fds(primary) >= LIMIT, "{} open", open_fds(primary));
+    // Connections wait in the kernel's queue: the primary cannot accept them.
+    let conns: Vec<TcpStream> = (0..N).map(|_| connect(addr)).collect();
+    let mut probe = [0u8; 8];
+    conns[0]
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("read timeout");
+    assert!(
+        (&conns[0]).read(&mut probe).is_err(),
+        "served while the primary had no descriptor"
+    );
+    conns[0].set_read_timeout(Some(WAIT)).expect("read timeout");
+    let before = cpu_ticks(primary);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(primary) - before;
+    assert!(
+        used <= 30,
+        "the primary used {used} ticks of CPU in 1 s while out of descriptors"
+    );
+    assert!(alive(primary), "the primary died");
+    fx.send("release");
+    fx.expect("released");
+    for c in conns {
+        let id = answer(c);
+        assert!((1..=2).contains(&id), "served by worker {id}");
+    }
+    assert!((1..=2).contains(&ask(addr)));
+    fx.quit();
+}
+
+/// Connections themselves exhaust the primary (paused workers ack none, so it keeps a copy of
+/// each); once the workers take them, every connection still open is served and new ones too.
+#[test]
+fn connections_that_exhaust_the_primary_are_all_served() {
+    const LIMIT: usize = 64;
+    const N: usize = 150;
+    let limit = LIMIT.to_string();
+    let mut fx = Fixture::start(2, "round-robin", &[("NOFILE", &limit)]);
+    assert_eq!(fx.expect("nofile "), limit);
+    let addr = sock(&fx.shared_addr(2));
+    assert!((1..=2).contains(&ask(addr)));
+    fx.send("pause all");
+    fx.expect_n("paused ", 2);
+    let primary = fx.pid();
+    let mut conns: Vec<TcpStream> = (0..N).map(|_| connect(addr)).collect();
+    // Let the primary take what it can; it must not spin meanwhile.
+    let before = cpu_ticks(primary);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(primary) - before;
+    assert!(
+        used <= 30,
+        "the primary used {used} ticks of CPU in 1 s while out of descriptors"
+    );
+    assert!(alive(primary), "the primary died");
+    // Half the clients give up; the workers take what was queued for them.
+    let mut i = 0;
+    conns.retain(|_| {
+        i += 1;
+        i % 2 == 0
+    });
+    fx.send("resume all");
+    fx.expect_n("resumed ", 2);
+    for (i, c) in conns.into_iter().enumerate() {
+        let mut text = String::new();
+        let r = (&c).read_to_string(&mut text);
+        assert!(
+            r.is_ok()
+                && text
+                    .trim()
+                    .parse::<u32>()
+                    .is_ok_and(|id| (1..=2).contains(&id)),
+            "kept connection {i} of {} not served ({r:?}, {text:?}); the primary holds {} descriptors",
+            N / 2,
+            open_fds(primary)
+        );
+    }
+    for _ in 0..4 {
+        assert!((1..=2).contains(&ask(addr)));
+    }
+    assert!(alive(primary), "the primary died");
+    fx.quit();
+    assert!(
+        !fx.seen()
+            .iter()
+            .any(|l| l.starts_with("exit ") && !l.ends_with(" 0")),
+        "a worker died: {:#?}",
+        fx.seen()
+    );
+}
