@@ -11,13 +11,12 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use cluster::Event;
+use cluster::{Event, Heartbeat, RespawnPolicy};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::signal::unix::{SignalKind, signal};
 
 #[cluster::main(workers = "auto")]
 async fn main() -> anyhow::Result<()> {
@@ -30,47 +29,17 @@ async fn main() -> anyhow::Result<()> {
     {
         println!("Primary {} is running", std::process::id());
         let grace = Duration::from_secs(
-            std::env::var("CLUSTER_SHUTDOWN_TIMEOUT")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(30),
+            std::env::var("CLUSTER_SHUTDOWN_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(30),
         );
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut ttin = signal(SignalKind::from_raw(nix::libc::SIGTTIN))?;
-        let mut ttou = signal(SignalKind::from_raw(nix::libc::SIGTTOU))?;
-        loop {
-            let event = tokio::select! {
-                e = cluster.next_event() => e,
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = hup.recv() => {
-                    println!("SIGHUP: rolling reload");
-                    let c = cluster.clone();
-                    tokio::spawn(async move {
-                        match c.reload(grace).await {
-                            Ok(()) => println!("reload complete"),
-                            Err(e) => eprintln!("{e}"),
-                        }
-                    });
-                    continue;
-                }
-                _ = ttin.recv() => { cluster.fork()?; continue; }
-                _ = ttou.recv() => {
-                    if let Some(w) = cluster.workers().last() {
-                        w.disconnect();
-                    }
-                    continue;
-                }
-            };
-            let Some(event) = event else { break };
+        // Production defaults: replace crashed workers (with backoff and a crash-loop guard),
+        // kill workers that stop answering, and obey SIGTERM/SIGINT/SIGHUP/SIGTTIN/SIGTTOU.
+        cluster.set_respawn(Some(RespawnPolicy::default()));
+        cluster.set_heartbeat(Heartbeat::default());
+        cluster.handle_signals(grace)?;
+        while let Some(event) = cluster.next_event().await {
             match event {
-                Event::Exit { worker, status }
-                    if worker.exited_after_disconnect() != Some(true) =>
-                {
+                Event::Exit { worker, status } if worker.exited_after_disconnect() != Some(true) => {
                     println!("worker {} died ({status}). Restarting...", worker.pid());
-                    cluster.fork()?;
                 }
                 Event::Error { worker, error } => {
                     let who = worker.map_or("primary".to_owned(), |w| format!("worker {}", w.id()));
@@ -78,17 +47,6 @@ async fn main() -> anyhow::Result<()> {
                 }
                 _ => {}
             }
-        }
-        println!(
-            "Shutting down: draining workers (up to {}s; Ctrl-C again to force)",
-            grace.as_secs()
-        );
-        let clean = tokio::select! {
-            clean = cluster.shutdown(grace) => clean,
-            _ = int.recv() => cluster.shutdown(Duration::ZERO).await,
-        };
-        if !clean {
-            anyhow::bail!("shutdown timed out; remaining workers were killed");
         }
         println!("all workers exited");
     }

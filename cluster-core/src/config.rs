@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::frame::DEFAULT_MAX_FRAME;
 
@@ -135,6 +136,60 @@ impl Config {
                 .map_err(|e| format!("CLUSTER_SCHED_POLICY: {e}"))?;
         }
         Ok(self)
+    }
+}
+
+/// Replacing workers that exit unplanned: off unless set, as in Node.
+///
+/// A worker that exits without a disconnect (a crash, a panic, a signal, `exit(1)`) is replaced
+/// after a delay that doubles from `min_backoff` up to `max_backoff`, and starts again from
+/// `min_backoff` once a worker has stayed up for `reset_after`. When `crash_limit` workers fail
+/// within `crash_window`, the crash-loop guard stops the cluster: every worker is disconnected
+/// and the primary exits with code 1, its last line saying why with the workers' last error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RespawnPolicy {
+    /// First delay before a replacement (default 100 ms).
+    pub min_backoff: Duration,
+    /// Largest delay (default 10 s).
+    pub max_backoff: Duration,
+    /// Uptime after which a worker counts as healthy and the delay resets (default 10 s).
+    pub reset_after: Duration,
+    /// Unplanned exits within `crash_window` that stop the cluster (default 10).
+    pub crash_limit: usize,
+    /// The window of the crash-loop guard (default 30 s).
+    pub crash_window: Duration,
+}
+
+impl Default for RespawnPolicy {
+    fn default() -> Self {
+        RespawnPolicy {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            reset_after: Duration::from_secs(10),
+            crash_limit: 10,
+            crash_window: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Watching workers for liveness over the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// How often the primary pings each online worker (default 1 s).
+    pub interval: Duration,
+    /// A worker silent for this long is killed and reported (default 10 s).
+    pub timeout: Duration,
+    /// Time a worker has to come online after its fork, counted apart (default 30 s).
+    pub boot_timeout: Duration,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+            boot_timeout: Duration::from_secs(30),
+        }
     }
 }
 

@@ -17,8 +17,10 @@ pub enum ErrorKind {
     Malformed,
     /// The peer was built from other message types or another crate version.
     Handshake,
-    /// A worker stopped answering heartbeats.
+    /// A worker stopped answering heartbeats, or did not come online in time.
     Unresponsive,
+    /// Too many workers failed within the crash-loop window; the cluster stops.
+    CrashLoop,
     /// Binding a server failed.
     Bind,
     /// Any other I/O error.

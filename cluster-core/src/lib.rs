@@ -31,6 +31,7 @@ mod event;
 pub mod frame;
 mod message;
 pub mod net;
+mod notify;
 mod primary;
 mod run;
 mod servers;
@@ -38,12 +39,12 @@ mod sys;
 mod wire;
 mod worker;
 
-pub use config::{Config, Flavor, SchedulingPolicy, Settings, Workers};
+pub use config::{Config, Flavor, Heartbeat, RespawnPolicy, SchedulingPolicy, Settings, Workers};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, ExitStatus, WorkerState};
 pub use message::{FNV_OFFSET, Message, fnv1a};
 pub use primary::{Primary, WorkerRef};
-pub use run::{Context, Role, WORKER_ID_VAR, is_primary, is_worker, run, worker_id};
+pub use run::{Context, Outcome, Role, WORKER_ID_VAR, is_primary, is_worker, run, worker_id};
 pub use worker::Worker;
 
 /// Signals, for [`WorkerRef::kill_with`].

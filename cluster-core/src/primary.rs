@@ -1,6 +1,6 @@
 //! The primary: forking workers, the registry of live workers, and the event stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::marker::PhantomData;
@@ -13,7 +13,7 @@ use tokio::process::{ChildStderr, ChildStdout};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::channel::{self, Incoming, Outbox, Reader};
-use crate::config::{Config, SchedulingPolicy, Settings};
+use crate::config::{Config, Heartbeat, RespawnPolicy, SchedulingPolicy, Settings};
 use crate::error::{Error, ErrorKind};
 use crate::event::{Event, ExitStatus, WorkerState};
 use crate::message::{Message, pair_fingerprint};
@@ -57,6 +57,7 @@ pub(crate) struct Inner<P, W> {
     events_tx: mpsc::UnboundedSender<Event<P, W>>,
     events_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event<P, W>>>,
     closing: AtomicBool,
+    respawn: Mutex<Option<RespawnState>>,
     /// Workers of the configured count not forked yet: they start on first use of the handle,
     /// so the primary's own code (a banner, `setup_primary`) runs before any worker.
     pending: std::sync::atomic::AtomicUsize,
@@ -64,6 +65,12 @@ pub(crate) struct Inner<P, W> {
     argv0: OsString,
     fingerprint: u64,
     pub(crate) servers: Arc<Servers>,
+}
+
+struct RespawnState {
+    policy: RespawnPolicy,
+    backoff: Duration,
+    crashes: VecDeque<Instant>,
 }
 
 pub(crate) struct Registry<W> {
@@ -115,6 +122,7 @@ impl<P: Message, W: Message> Primary<P, W> {
                 events_tx,
                 events_rx: tokio::sync::Mutex::new(events_rx),
                 closing: AtomicBool::new(false),
+                respawn: Mutex::new(None),
                 pending: std::sync::atomic::AtomicUsize::new(0),
                 exe,
                 argv0: std::env::args_os()
@@ -134,14 +142,89 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// Forks the configured workers, once, on first use of the handle.
     fn ensure_started(&self) {
         let n = self.inner.pending.swap(0, Ordering::Relaxed);
+        if n == 0 {
+            return;
+        }
+        let mut started = Vec::new();
         for _ in 0..n {
-            if let Err(error) = self.fork() {
-                self.inner.emit(Event::Error {
-                    worker: None,
-                    error,
-                });
+            match self.fork() {
+                Ok(w) => started.push(w),
+                Err(error) => self.inner.emit(Event::Error { worker: None, error }),
             }
         }
+        // Tell a service manager we serve once the first workers are ready: listening, or
+        // online for a moment without a server.
+        tokio::spawn(async move {
+            loop {
+                let ready = started.iter().all(|w| {
+                    let st = w.shared.lock();
+                    st.state == WorkerState::Listening
+                        || (st.state == WorkerState::Online
+                            && st.last_pong.is_some_and(|t| t.elapsed() > Duration::from_millis(500)))
+                        || st.dead
+                });
+                if ready {
+                    crate::notify::ready();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+
+    /// Makes the primary obey the signals of a production process manager:
+    ///
+    /// | signal | effect |
+    /// |---|---|
+    /// | SIGTERM, SIGINT | graceful [`shutdown`](Self::shutdown) with `grace`; afterwards `next_event` returns `None`. If workers remain after `grace` they are killed and the primary exits with code 1; a second SIGINT forces it at once |
+    /// | SIGHUP | rolling [`reload`](Self::reload) |
+    /// | SIGTTIN / SIGTTOU | one worker more / fewer (the newest leaves gracefully) |
+    pub fn handle_signals(&self, grace: Duration) -> std::io::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut ttin = signal(SignalKind::from_raw(nix::libc::SIGTTIN))?;
+        let mut ttou = signal(SignalKind::from_raw(nix::libc::SIGTTOU))?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => {
+                        let m = me.clone();
+                        tokio::spawn(async move {
+                            if let Err(error) = m.reload(grace).await {
+                                m.inner.emit(Event::Error { worker: None, error });
+                            }
+                        });
+                    }
+                    _ = ttin.recv() => {
+                        if let Err(error) = me.fork() {
+                            me.inner.emit(Event::Error { worker: None, error });
+                        }
+                    }
+                    _ = ttou.recv() => {
+                        if let Some(w) = me.workers().last() {
+                            w.disconnect();
+                        }
+                    }
+                }
+            }
+            let clean = tokio::select! {
+                clean = me.shutdown(grace) => clean,
+                _ = int.recv() => me.shutdown(Duration::ZERO).await,
+            };
+            if !clean {
+                eprintln!(
+                    "cluster: shutdown did not finish within {}s; the remaining workers were killed",
+                    grace.as_secs()
+                );
+                std::process::exit(1);
+            }
+        });
+        Ok(())
     }
 
     /// Changes the scheduling policy; only before the first fork, as Node freezes it then.
@@ -308,6 +391,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             // before it died, so `Exit` follows its messages and `Disconnect`.
             let _ = tokio::time::timeout(Duration::from_secs(2), read_done_rx).await;
             inner2.on_exit(&w2, status);
+            Primary { inner: inner2 }.after_exit(&w2, status);
         });
         Ok(worker)
     }
@@ -404,10 +488,118 @@ impl<P: Message, W: Message> Primary<P, W> {
         self.wait_for_exits().await;
     }
 
+    /// Replaces workers that exit unplanned, with backoff and a crash-loop guard (see
+    /// [`RespawnPolicy`]). Off by default, as in Node.
+    pub fn set_respawn(&self, policy: Option<RespawnPolicy>) {
+        *self.inner.respawn.lock().unwrap_or_else(|p| p.into_inner()) =
+            policy.map(|policy| RespawnState { policy, backoff: policy.min_backoff, crashes: VecDeque::new() });
+    }
+
+    /// Applies the respawn policy after a worker's exit.
+    fn after_exit(&self, w: &WorkerRef<W>, status: ExitStatus) {
+        if w.exited_after_disconnect() == Some(true) || self.inner.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut guard = self.inner.respawn.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(rs) = guard.as_mut() else { return };
+        let now = Instant::now();
+        let policy = rs.policy;
+        rs.crashes.push_back(now);
+        while rs.crashes.front().is_some_and(|t| now.duration_since(*t) > policy.crash_window) {
+            rs.crashes.pop_front();
+        }
+        if rs.crashes.len() >= policy.crash_limit {
+            let crashes = rs.crashes.len();
+            *guard = None;
+            drop(guard);
+            let last = w.last_error().unwrap_or_else(|| format!("exited with status {status}"));
+            let message = format!(
+                "crash loop: {crashes} workers failed within {}s; stopping the cluster. Last error (worker {}): {}",
+                policy.crash_window.as_secs(),
+                w.id(),
+                last.replace('\n', "; ")
+            );
+            self.inner.emit(Event::Error { worker: None, error: Error::new(ErrorKind::CrashLoop, message.clone()) });
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.shutdown(Duration::from_secs(10)).await;
+                crate::notify::stopping();
+                eprintln!("cluster: {message}");
+                std::process::exit(1);
+            });
+            return;
+        }
+        if w.uptime() >= policy.reset_after {
+            rs.backoff = policy.min_backoff;
+        }
+        let delay = rs.backoff;
+        rs.backoff = (rs.backoff * 2).min(policy.max_backoff);
+        drop(guard);
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if me.inner.closing.load(Ordering::Relaxed) {
+                return;
+            }
+            if let Err(error) = me.fork() {
+                me.inner.emit(Event::Error { worker: None, error });
+            }
+        });
+    }
+
+    /// Watches liveness: pings every online worker each `interval`; a worker silent for
+    /// `timeout`, or not online `boot_timeout` after its fork, is reported with
+    /// `Event::Error` (kind `Unresponsive`) and killed with SIGKILL (the respawn policy, if
+    /// any, replaces it).
+    pub fn set_heartbeat(&self, hb: Heartbeat) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(hb.interval);
+            let mut seq = 0u64;
+            loop {
+                tick.tick().await;
+                seq += 1;
+                let alive: Vec<WorkerRef<W>> =
+                    me.inner.registry.alive.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+                for w in alive {
+                    let (state, connected, last) = {
+                        let st = w.shared.lock();
+                        (st.state, st.connected, st.last_pong)
+                    };
+                    if !connected || w.is_dead() {
+                        continue;
+                    }
+                    let silent = match (state, last) {
+                        (WorkerState::None, _) if w.uptime() > hb.boot_timeout => Some(format!(
+                            "worker {} did not come online within {}s of its fork; killing it",
+                            w.id(),
+                            hb.boot_timeout.as_secs()
+                        )),
+                        (WorkerState::Online | WorkerState::Listening, Some(t)) if t.elapsed() > hb.timeout => Some(format!(
+                            "worker {} did not answer heartbeats for {}s; killing it",
+                            w.id(),
+                            hb.timeout.as_secs()
+                        )),
+                        _ => None,
+                    };
+                    if let Some(msg) = silent {
+                        me.inner.emit(Event::Error { worker: Some(w.clone()), error: Error::new(ErrorKind::Unresponsive, msg) });
+                        let _ = w.kill_with(nix::sys::signal::Signal::SIGKILL);
+                    } else if matches!(state, WorkerState::Online | WorkerState::Listening) {
+                        let _ = w.shared.outbox.send(&Wire::<()>::Control(Control::Ping(seq)), vec![]);
+                    }
+                }
+            }
+        });
+    }
+
     /// Graceful shutdown: disconnects every worker (their servers stop taking connections and
     /// in-flight work finishes), waits up to `grace` for all to exit, then SIGKILLs the
     /// stragglers. Returns `true` when every worker left within `grace`.
     pub async fn shutdown(&self, grace: Duration) -> bool {
+        crate::notify::stopping();
+        self.inner.pending.store(0, Ordering::Relaxed);
+        self.inner.closing.store(true, Ordering::Relaxed);
         if tokio::time::timeout(grace, self.disconnect()).await.is_ok() {
             return true;
         }
@@ -432,6 +624,13 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// the old one and waits for its exit (SIGKILL after `grace`). When a replacement fails to
     /// start within `grace`, the reload stops with an error and the old workers keep serving.
     pub async fn reload(&self, grace: Duration) -> Result<(), Error> {
+        crate::notify::reloading();
+        let result = self.reload_each(grace).await;
+        crate::notify::ready();
+        result
+    }
+
+    async fn reload_each(&self, grace: Duration) -> Result<(), Error> {
         for old in self.workers() {
             if !old.is_connected() {
                 continue;
@@ -589,7 +788,11 @@ async fn read_worker<P: Message, W: Message>(
                     .shared
                     .outbox
                     .send(&Wire::<()>::Control(Control::Welcome), vec![]);
-                w.shared.lock().state = WorkerState::Online;
+                {
+                    let mut st = w.shared.lock();
+                    st.state = WorkerState::Online;
+                    st.last_pong = Some(Instant::now());
+                }
                 inner.emit(Event::Online { worker: w.clone() });
             }
             Incoming::Frame(_, _) if !online => {
@@ -620,6 +823,7 @@ async fn read_worker<P: Message, W: Message>(
                         .send(&Wire::<()>::Control(Control::Pong(n)), vec![]);
                 }
                 Control::Pong(_) => w.shared.lock().last_pong = Some(Instant::now()),
+                Control::Fatal { message } => w.shared.lock().last_error = Some(message),
                 Control::Listening { addr } => {
                     w.shared.lock().state = WorkerState::Listening;
                     inner.emit(Event::Listening {
@@ -702,6 +906,7 @@ struct WState {
     voluntary: bool,
     exited_after_disconnect: Option<bool>,
     last_pong: Option<Instant>,
+    last_error: Option<String>,
 }
 
 impl Default for WState {
@@ -714,6 +919,7 @@ impl Default for WState {
             voluntary: false,
             exited_after_disconnect: None,
             last_pong: None,
+            last_error: None,
         }
     }
 }
@@ -774,6 +980,12 @@ impl<W> WorkerRef<W> {
     /// (a `disconnect()` from either side, or its own `kill()`), `Some(false)` otherwise.
     pub fn exited_after_disconnect(&self) -> Option<bool> {
         self.shared.lock().exited_after_disconnect
+    }
+
+    /// What the worker reported just before it exited: the error its code returned, or its
+    /// panic.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.lock().last_error.clone()
     }
 
     /// The exit status, once the process has exited.

@@ -34,6 +34,8 @@ impl Role {
     /// run as a second primary.
     pub fn detect() -> Result<Role, String> {
         let Some(raw) = std::env::var_os(WORKER_ID_VAR) else {
+            // SAFETY: `detect` runs before the runtime starts, while the process has one thread.
+            unsafe { crate::notify::take_from_env() };
             return Ok(Role::Primary);
         };
         // SAFETY: `detect` runs before the runtime starts, while the process has one thread.
@@ -104,6 +106,7 @@ where
     W: Message,
     F: FnOnce(Context<P, W>) -> Fut,
     Fut: Future,
+    Fut::Output: Outcome,
 {
     let role = Role::detect().unwrap_or_else(|e| fatal(&e));
     let config = config.with_env().unwrap_or_else(|e| fatal(&e));
@@ -120,26 +123,68 @@ where
         }),
         Role::Worker { id, channel } => {
             sys::set_parent_death_signal();
-            runtime(config.worker_flavor).block_on(async move {
-                // A terminal's Ctrl-C or hang-up reaches the whole process group; the primary
-                // orchestrates shutdown and reload, so workers catch SIGINT and SIGHUP instead of
-                // dying mid-request.
-                let _sigint =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
-                let _sighup =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-                let worker = Worker::<P, W>::start(id, channel, config.max_frame).await;
-                let out = main(Context {
-                    primary: None,
-                    worker: Some(worker),
+            let rt = runtime(config.worker_flavor);
+            // Catch a panic of the worker's code long enough to tell the primary why this
+            // worker dies, then let it continue to unwind.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rt.block_on(async move {
+                    // A terminal's Ctrl-C or hang-up reaches the whole process group; the
+                    // primary orchestrates shutdown and reload, so workers catch SIGINT and
+                    // SIGHUP instead of dying mid-request.
+                    let _sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+                    let _sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+                    let worker = Worker::<P, W>::start(id, channel, config.max_frame).await;
+                    let out = main(Context { primary: None, worker: Some(worker) }).await;
+                    if let Some(link) = crate::worker::link() {
+                        if let Some(message) = out.failure() {
+                            link.report_fatal(message);
+                        }
+                        link.flush().await;
+                    }
+                    out
                 })
-                .await;
-                if let Some(link) = crate::worker::link() {
-                    link.flush().await;
+            }));
+            match ran {
+                Ok(out) => out,
+                Err(panic) => {
+                    if let Some(link) = crate::worker::link() {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".to_owned());
+                        link.report_fatal(format!("worker {id} panicked: {what}"));
+                        rt.block_on(link.flush());
+                    }
+                    std::panic::resume_unwind(panic)
                 }
-                out
-            })
+            }
         }
+    }
+}
+
+/// What `main` may return: anything `std::process::Termination` takes that says whether it
+/// failed, so a worker can tell the primary why it exits.
+pub trait Outcome {
+    /// The failure to report, if this outcome is one.
+    fn failure(&self) -> Option<String>;
+}
+
+impl Outcome for () {
+    fn failure(&self) -> Option<String> {
+        None
+    }
+}
+
+impl Outcome for std::process::ExitCode {
+    fn failure(&self) -> Option<String> {
+        None
+    }
+}
+
+impl<T, E: std::fmt::Debug> Outcome for Result<T, E> {
+    fn failure(&self) -> Option<String> {
+        self.as_ref().err().map(|e| format!("{e:?}"))
     }
 }
 

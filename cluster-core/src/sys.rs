@@ -204,3 +204,16 @@ pub fn async_listener(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedF
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
+
+/// Takes the `n` sockets systemd passed from descriptor 3 on (socket activation).
+pub fn adopt_listen_fds(n: i32) -> Vec<OwnedFd> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    (3..3 + n)
+        .filter(|fd| fcntl(*fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_ok())
+        .map(|fd| {
+            // SAFETY: `LISTEN_PID` names this process, so systemd handed it descriptors 3 to
+            // 3 + n - 1 (checked open above); the primary takes them before any other code runs.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        })
+        .collect()
+}

@@ -121,4 +121,9 @@ pub enum Control {
     Ping(u64),
     /// Either way: the answer to `Ping`.
     Pong(u64),
+    /// Worker -> primary: why I am about to exit (the error my code returned, or a panic).
+    Fatal {
+        /// A readable message.
+        message: String,
+    },
 }

@@ -96,6 +96,11 @@ impl Link {
         self.outbox.close();
     }
 
+    /// Tells the primary why this worker is about to exit.
+    pub(crate) fn report_fatal(&self, message: String) {
+        self.control(Control::Fatal { message }, vec![]);
+    }
+
     /// Sends what is queued and closes the channel; bounded in time.
     pub(crate) async fn flush(&self) {
         self.outbox.close();
