@@ -257,6 +257,13 @@ fn fixed_port(addr: &BindAddr) -> bool {
 
 /// Binds a listening (or UDP) socket for `addr`; returns it with the address it got.
 pub(crate) fn bind(addr: &BindAddr, reuseport: bool) -> io::Result<(OwnedFd, BindAddr)> {
+    // Under systemd socket activation the primary serves the sockets it was handed.
+    if !reuseport {
+        if let Some(fd) = crate::notify::take_inherited(addr) {
+            let bound = local_addr(&fd, addr)?;
+            return Ok((fd, bound));
+        }
+    }
     use nix::sys::socket::{
         AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, UnixAddr,
         bind as nbind, listen, setsockopt, socket, sockopt,
