@@ -8,15 +8,13 @@
 //! A worker that dies unplanned is replaced. The primary obeys SIGTERM/SIGINT (graceful
 //! shutdown), SIGHUP (rolling reload), SIGTTIN/SIGTTOU (one worker more/fewer).
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use cluster::{Event, Heartbeat, RespawnPolicy};
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::Response;
+use hyper::body::Bytes;
+use hyper::header::HeaderValue;
 
 #[cluster::main(workers = "auto")]
 async fn main() -> anyhow::Result<()> {
@@ -54,32 +52,18 @@ async fn main() -> anyhow::Result<()> {
     {
         let listener = cluster::net::TcpListener::bind(("0.0.0.0", port)).await?;
         println!("Worker {} started", std::process::id());
-        let id = worker.id().to_string();
-        let graceful = GracefulShutdown::new();
-        while let Some(conn) = listener.next().await {
-            let Ok((stream, _)) = conn else { continue };
+        let id = HeaderValue::from(worker.id());
+        // Serves until this worker is disconnected (reload, scale-down, shutdown), then drains:
+        // in-flight requests finish and keep-alive clients are told `Connection: close`.
+        cluster::http::serve(listener, move |_req| {
             let id = id.clone();
-            let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
-                let id = id.clone();
-                async move {
-                    let mut res = Response::new(Full::new(Bytes::from_static(b"hello world\n")));
-                    res.headers_mut().insert(
-                        "x-worker-id",
-                        id.parse().expect("a number is a header value"),
-                    );
-                    Ok::<_, Infallible>(res)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
-        // Disconnected: the listener is closed; let in-flight requests finish, close idle
-        // keep-alive connections, then leave.
-        graceful.shutdown().await;
+            async move {
+                let mut res = Response::new(Full::new(Bytes::from_static(b"hello world\n")));
+                res.headers_mut().insert("x-worker-id", id);
+                res
+            }
+        })
+        .await?;
     }
     Ok(())
 }

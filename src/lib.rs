@@ -75,6 +75,12 @@ pub mod net {
     pub use cluster_core::net::{ListenAddress, TcpListener, UdpSocket, UnixListener};
 }
 
+/// HTTP/1.1 serving with the reload and shutdown drain built in (feature `http`, on by default).
+#[cfg(feature = "http")]
+pub mod http {
+    pub use cluster_core::http::{DrainOptions, serve, serve_with};
+}
+
 /// Not public API: the paths `#[cluster::main]` and `#[cluster::message]` expand to.
 #[doc(hidden)]
 pub mod __private {

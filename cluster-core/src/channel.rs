@@ -14,21 +14,40 @@ use tokio::sync::{Notify, watch};
 use crate::error::{Error, ErrorKind};
 use crate::frame::{self, Decoder, FrameError, HEADER_LEN, MAX_FDS_PER_FRAME};
 use crate::sys;
-use crate::wire::Wire;
+use crate::wire::{Control, Wire};
 
 /// Bytes after which the writer starts a new chunk, so one `sendmsg` stays a sensible size.
 const CHUNK_BYTES: usize = 256 * 1024;
 
+/// A descriptor waiting in the outbox: owned (closed once sent), or shared with someone who
+/// keeps it after the send (the round-robin dispatcher, until the worker acknowledges).
+pub(crate) enum OutFd {
+    Owned(OwnedFd),
+    Shared(Arc<OwnedFd>),
+}
+
+impl OutFd {
+    fn raw(&self) -> RawFd {
+        match self {
+            OutFd::Owned(f) => f.as_raw_fd(),
+            OutFd::Shared(f) => f.as_raw_fd(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Chunk {
     bytes: Vec<u8>,
-    fds: Vec<OwnedFd>,
+    fds: Vec<OutFd>,
 }
 
 #[derive(Default)]
 struct OutState {
     chunks: VecDeque<Chunk>,
     spare: Vec<Vec<u8>>,
+    /// The last frame of the back chunk, when it is an `Accepted` that later ones may join:
+    /// (server, n, offset of the frame in the chunk).
+    last_ack: Option<(u32, u32, usize)>,
     closing: bool,
     closed: bool,
 }
@@ -49,14 +68,84 @@ impl Outbox {
         msg: &T,
         fds: Vec<OwnedFd>,
     ) -> Result<(), SendFail> {
-        debug_assert!(fds.len() <= MAX_FDS_PER_FRAME);
+        let n = fds.len();
+        self.push(
+            msg,
+            n,
+            |c| c.extend(fds.into_iter().map(OutFd::Owned)),
+            None,
+        )
+    }
+
+    /// Like [`send`](Self::send) with one descriptor that the caller keeps too: no copy is
+    /// made; the outbox holds a reference until the descriptor has left in a `sendmsg`.
+    pub(crate) fn send_shared<T: Serialize + ?Sized>(
+        &self,
+        msg: &T,
+        fd: Arc<OwnedFd>,
+    ) -> Result<(), SendFail> {
+        self.push(msg, 1, |c| c.push(OutFd::Shared(fd)), None)
+    }
+
+    /// Queues `Accepted { server, n: 1 }`. When the last queued frame is an unsent `Accepted`
+    /// for the same server, that frame's count grows instead: nothing was queued in between,
+    /// so the order of everything the peer sees is unchanged, with fewer frames.
+    pub(crate) fn send_accepted(&self, server: u32) -> Result<(), SendFail> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.closing || st.closed {
             return Err(SendFail::Closed);
         }
+        if let (Some((s, n, at)), Some(chunk)) = (st.last_ack, st.chunks.back_mut()) {
+            if s != server {
+                return self.push_accepted_frame(st, server);
+            }
+            let n = n.saturating_add(1);
+            chunk.bytes.truncate(at);
+            frame::put_header(&mut chunk.bytes, 0, 0);
+            let msg = Wire::<()>::Control(Control::Accepted { server, n });
+            postcard::serialize_with_flavor(&msg, AppendTo(&mut chunk.bytes))
+                .expect("an Accepted frame always encodes");
+            let len = chunk.bytes.len() - at - HEADER_LEN;
+            frame::patch_len(&mut chunk.bytes, at, len);
+            st.last_ack = Some((server, n, at));
+            return Ok(());
+        }
+        self.push_accepted_frame(st, server)
+    }
+
+    fn push_accepted_frame(
+        &self,
+        st: std::sync::MutexGuard<'_, OutState>,
+        server: u32,
+    ) -> Result<(), SendFail> {
+        drop(st);
+        self.push(
+            &Wire::<()>::Control(Control::Accepted { server, n: 1 }),
+            0,
+            |_| {},
+            Some(server),
+        )
+    }
+
+    /// Encodes `msg` as one frame announcing `nfds` descriptors, which `add_fds` appends to
+    /// the chunk; `ack` marks the frame as an `Accepted` for that server that later ones join.
+    fn push<T: Serialize + ?Sized>(
+        &self,
+        msg: &T,
+        nfds: usize,
+        add_fds: impl FnOnce(&mut Vec<OutFd>),
+        ack: Option<u32>,
+    ) -> Result<(), SendFail> {
+        debug_assert!(nfds <= MAX_FDS_PER_FRAME);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.closing || st.closed {
+            return Err(SendFail::Closed);
+        }
+        // Set again below once this frame is in; cleared on every error path.
+        st.last_ack = None;
         let was_empty = st.chunks.is_empty();
         let need_new = match st.chunks.back() {
-            Some(c) => c.fds.len() + fds.len() > MAX_FDS_PER_FRAME || c.bytes.len() >= CHUNK_BYTES,
+            Some(c) => c.fds.len() + nfds > MAX_FDS_PER_FRAME || c.bytes.len() >= CHUNK_BYTES,
             None => true,
         };
         if need_new {
@@ -68,7 +157,7 @@ impl Outbox {
         }
         let chunk = st.chunks.back_mut().expect("a chunk was just ensured");
         let at = chunk.bytes.len();
-        frame::put_header(&mut chunk.bytes, 0, fds.len());
+        frame::put_header(&mut chunk.bytes, 0, nfds);
         if let Err(e) = postcard::serialize_with_flavor(msg, AppendTo(&mut chunk.bytes)) {
             // postcard fails only on types serde cannot express; drop the half-written frame.
             chunk.bytes.truncate(at);
@@ -87,7 +176,8 @@ impl Outbox {
             });
         }
         frame::patch_len(&mut chunk.bytes, at, len);
-        chunk.fds.extend(fds);
+        add_fds(&mut chunk.fds);
+        st.last_ack = ack.map(|s| (s, 1, at));
         drop(st);
         if was_empty {
             self.wake.notify_one();
@@ -109,6 +199,7 @@ impl Outbox {
         st.closing = true;
         st.closed = true;
         st.chunks.clear();
+        st.last_ack = None;
         drop(st);
         self.wake.notify_one();
     }
@@ -127,6 +218,7 @@ impl Outbox {
     fn next_chunk(&self) -> Option<Result<Chunk, ()>> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = st.chunks.pop_front() {
+            st.last_ack = None;
             return Some(Ok(c));
         }
         if st.closing {
@@ -151,6 +243,7 @@ impl Outbox {
         st.closed = true;
         st.closing = true;
         st.chunks.clear();
+        st.last_ack = None;
     }
 }
 
@@ -234,7 +327,7 @@ pub(crate) fn spawn_writer(stream: Arc<UnixStream>, max_frame: usize) -> Arc<Out
 }
 
 async fn write_chunk(stream: &UnixStream, chunk: &Chunk) -> io::Result<()> {
-    let raw: Vec<RawFd> = chunk.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let raw: Vec<RawFd> = chunk.fds.iter().map(OutFd::raw).collect();
     let mut off = 0;
     let mut fds: &[RawFd] = &raw;
     while off < chunk.bytes.len() {
@@ -430,6 +523,68 @@ mod tests {
             Incoming::Frame(Wire::Control(Control::Welcome), _)
         ));
         assert!(matches!(r.next::<Vec<u8>>().await.unwrap(), Incoming::Eof));
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_merge_while_queued_and_keep_their_order() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let out = spawn_writer(into_stream(a.into()).unwrap(), 1024);
+        // The writer task has not run yet (current-thread runtime): all of this stays queued.
+        for _ in 0..300 {
+            out.send_accepted(7).unwrap();
+        }
+        out.send(&Wire::<()>::Control(Control::Ping(1)), vec![])
+            .unwrap();
+        out.send_accepted(7).unwrap();
+        out.send_accepted(7).unwrap();
+        out.send_accepted(8).unwrap();
+        out.send_accepted(7).unwrap();
+        out.close();
+        let mut r = Reader::new(into_stream(b.into()).unwrap(), 1024);
+        let mut got = Vec::new();
+        loop {
+            match r.next::<()>().await.unwrap() {
+                Incoming::Frame(Wire::Control(Control::Accepted { server, n }), _) => {
+                    got.push(format!("{server}x{n}"))
+                }
+                Incoming::Frame(Wire::Control(Control::Ping(n)), _) => got.push(format!("ping{n}")),
+                Incoming::Frame(_, _) => panic!("unexpected frame"),
+                Incoming::Eof => break,
+            }
+        }
+        assert_eq!(got, ["7x300", "ping1", "7x2", "8x1", "7x1"]);
+    }
+
+    #[tokio::test]
+    async fn a_shared_descriptor_stays_with_its_other_owner() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let out = spawn_writer(into_stream(a.into()).unwrap(), 1024);
+        let (mut pr, pw) = std::io::pipe().unwrap();
+        let kept = Arc::new(OwnedFd::from(pw));
+        out.send_shared(
+            &Wire::<()>::Control(Control::Conn { server: 1 }),
+            kept.clone(),
+        )
+        .unwrap();
+        out.close();
+        out.finished().await;
+        // The outbox let go of its reference once sent; ours still works.
+        assert_eq!(Arc::strong_count(&kept), 1);
+        let mut r = Reader::new(into_stream(b.into()).unwrap(), 1024);
+        let Incoming::Frame(Wire::Control(Control::Conn { server: 1 }), fds) =
+            r.next::<()>().await.unwrap()
+        else {
+            panic!("expected a Conn frame");
+        };
+        let mut sent = std::fs::File::from(fds.into_iter().next().unwrap());
+        sent.write_all(b"sent ").unwrap();
+        drop(sent);
+        let mut kept = std::fs::File::from(Arc::into_inner(kept).unwrap());
+        kept.write_all(b"kept").unwrap();
+        drop(kept);
+        let mut s = String::new();
+        pr.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "sent kept");
     }
 
     #[tokio::test]

@@ -29,6 +29,8 @@ mod config;
 mod error;
 mod event;
 pub mod frame;
+#[cfg(feature = "http")]
+pub mod http;
 mod message;
 pub mod net;
 mod notify;

@@ -257,6 +257,23 @@ impl TcpListener {
         Ok(self.local)
     }
 
+    /// A future that completes once the worker is disconnecting (this listener then gives no
+    /// more connections); outside a cluster it never completes.
+    ///
+    /// It owns what it needs, so it can be taken before the listener is moved into a server:
+    /// `axum::serve(listener, app).with_graceful_shutdown(closed)` stops taking connections,
+    /// lets in-flight requests finish and returns when the worker disconnects.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let closing = self.closing.clone();
+        async move {
+            match closing {
+                // The sender lives as long as the worker's link; an error means it is gone.
+                Some(mut c) => drop(c.wait_for(|v| *v).await),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     /// The next connection. After the worker starts to disconnect it fails with
     /// `ErrorKind::NotConnected`; [`next`](Self::next) gives `None` instead.
     pub async fn accept(&self) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
@@ -272,13 +289,9 @@ impl TcpListener {
                 Source::Handoff(h) => {
                     let fd = h.rx.lock().await.recv().await.ok_or_else(closed)?;
                     if let Some(reg) = &self.reg {
-                        reg.link.control(
-                            Control::Accepted {
-                                server: h.server,
-                                n: 1,
-                            },
-                            vec![],
-                        );
+                        // Joins an `Accepted` still queued for the primary, if any: one frame
+                        // acknowledges a whole run of connections.
+                        let _ = reg.link.outbox.send_accepted(h.server);
                     }
                     let std = std::net::TcpStream::from(fd);
                     std.set_nonblocking(true)?;
@@ -430,13 +443,9 @@ impl UnixListener {
                 Source::Handoff(h) => {
                     let fd = h.rx.lock().await.recv().await.ok_or_else(closed)?;
                     if let Some(reg) = &self.reg {
-                        reg.link.control(
-                            Control::Accepted {
-                                server: h.server,
-                                n: 1,
-                            },
-                            vec![],
-                        );
+                        // Joins an `Accepted` still queued for the primary, if any: one frame
+                        // acknowledges a whole run of connections.
+                        let _ = reg.link.outbox.send_accepted(h.server);
                     }
                     let std = std::os::unix::net::UnixStream::from(fd);
                     std.set_nonblocking(true)?;
@@ -451,5 +460,42 @@ impl UnixListener {
                 _ = c.wait_for(|v| *v) => Err(closed()),
             },
         }
+    }
+}
+
+/// `axum::serve(listener, app)` on a cluster listener (cargo feature `axum`).
+///
+/// As axum's own listeners do, `accept` never fails: connection errors are skipped, others
+/// (`EMFILE`, ...) are reported on stderr and retried after a second. Once the worker is
+/// disconnecting it never completes; pair it with
+/// `.with_graceful_shutdown(listener.closed())` so the server stops and the worker exits.
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+impl axum::serve::Listener for TcpListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.next().await {
+                Some(Ok(conn)) => return conn,
+                Some(Err(e)) => {
+                    if !matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) {
+                        eprintln!("cluster: accept error on {}: {e}", self.local);
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
     }
 }

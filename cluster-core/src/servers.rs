@@ -29,6 +29,8 @@ pub(crate) struct Servers {
 #[derive(Default)]
 struct State {
     keys: HashMap<KeyId, Key>,
+    /// The round-robin keys by server id, for `Accepted` frames.
+    rr: HashMap<u32, Arc<RoundRobin>>,
     next_server: u32,
     /// Reuseport slot of each worker that has one.
     slots: HashMap<u32, usize>,
@@ -88,10 +90,7 @@ impl Servers {
                 );
             }
             Control::Accepted { server, n } => {
-                let rr = self.lock().keys.values().find_map(|k| match &k.kind {
-                    KeyKind::RoundRobin(rr) if rr.id == server => Some(rr.clone()),
-                    _ => None,
-                });
+                let rr = self.lock().rr.get(&server).cloned();
                 if let Some(rr) = rr {
                     rr.accepted(id, n as usize);
                 }
@@ -130,7 +129,9 @@ impl Servers {
             let (bound, kind) = match policy {
                 SchedulingPolicy::RoundRobin => {
                     let (fd, bound) = bind(addr, false)?;
-                    (bound, KeyKind::RoundRobin(RoundRobin::start(next, fd)?))
+                    let rr = RoundRobin::start(next, fd)?;
+                    st.rr.insert(next, rr.clone());
+                    (bound, KeyKind::RoundRobin(rr))
                 }
                 SchedulingPolicy::Shared => {
                     let (fd, bound) = bind(addr, false)?;
@@ -190,7 +191,11 @@ impl Servers {
             rr.leave(id);
         }
         if k.members.is_empty() {
-            close_key(st.keys.remove(key).expect("key present"));
+            let k = st.keys.remove(key).expect("key present");
+            if let KeyKind::RoundRobin(rr) = &k.kind {
+                st.rr.remove(&rr.id);
+            }
+            close_key(k);
         }
     }
 
@@ -362,10 +367,12 @@ pub(crate) struct RoundRobin {
 struct RrState {
     members: Vec<(u32, Arc<Outbox>)>,
     next: usize,
-    /// Connections sent to each worker and not yet acknowledged, oldest first.
-    inflight: HashMap<u32, VecDeque<Option<OwnedFd>>>,
+    /// Connections sent to each worker and not yet acknowledged, oldest first. The outbox
+    /// shares each descriptor until it has been sent: no copy is made, and the connection
+    /// closes here when the worker acknowledges it (it then holds its own).
+    inflight: HashMap<u32, VecDeque<Arc<OwnedFd>>>,
     /// Connections waiting for a member (none listening right now).
-    backlog: VecDeque<OwnedFd>,
+    backlog: VecDeque<Arc<OwnedFd>>,
     stopped: bool,
 }
 
@@ -435,7 +442,7 @@ impl RoundRobin {
     fn dispatch(&self, conns: Vec<OwnedFd>) {
         let mut st = self.lock();
         for conn in conns {
-            st.give(self.id, conn);
+            st.give(self.id, Arc::new(conn));
         }
     }
 
@@ -445,7 +452,7 @@ impl RoundRobin {
             st.members.push((id, outbox));
         }
         // Connections that waited for a listener go out now.
-        let waiting: Vec<OwnedFd> = st.backlog.drain(..).collect();
+        let waiting: Vec<Arc<OwnedFd>> = st.backlog.drain(..).collect();
         for conn in waiting {
             st.give(self.id, conn);
         }
@@ -455,7 +462,7 @@ impl RoundRobin {
         let mut st = self.lock();
         st.members.retain(|(m, _)| *m != id);
         let orphans = st.inflight.remove(&id).unwrap_or_default();
-        for conn in orphans.into_iter().flatten() {
+        for conn in orphans {
             st.give(self.id, conn);
         }
     }
@@ -494,7 +501,7 @@ impl RoundRobin {
 
 impl RrState {
     /// Hands `conn` to the next member whose channel takes it; keeps it when none can.
-    fn give(&mut self, server: u32, conn: OwnedFd) {
+    fn give(&mut self, server: u32, conn: Arc<OwnedFd>) {
         if self.stopped {
             return;
         }
@@ -503,23 +510,11 @@ impl RrState {
             let i = self.next % n;
             self.next = self.next.wrapping_add(1);
             let (id, outbox) = &self.members[i];
-            let id = *id;
-            let Ok(copy) = conn.try_clone() else {
-                // Out of descriptors: hand over the original without keeping a copy, so its
-                // descriptor frees once sent (keeping it would hold the table full forever).
-                if outbox
-                    .send(&Wire::<()>::Control(Control::Conn { server }), vec![conn])
-                    .is_ok()
-                {
-                    self.inflight.entry(id).or_default().push_back(None);
-                }
-                return;
-            };
             if outbox
-                .send(&Wire::<()>::Control(Control::Conn { server }), vec![copy])
+                .send_shared(&Wire::<()>::Control(Control::Conn { server }), conn.clone())
                 .is_ok()
             {
-                self.inflight.entry(id).or_default().push_back(Some(conn));
+                self.inflight.entry(*id).or_default().push_back(conn);
                 return;
             }
         }

@@ -17,44 +17,38 @@ pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return quote!(#err #item);
         }
     };
-    // Only the header is needed for the fallback; keep it before the body is consumed.
-    let mut header = func.clone();
-    header.block.stmts.clear();
-    match try_expand(args, func) {
-        Ok(ts) => ts,
-        Err(e) => fallback(e, &header),
-    }
+    let stub = stub(&func);
+    try_expand(args, func).unwrap_or_else(|e| {
+        let err = e.to_compile_error();
+        quote!(#err #stub)
+    })
 }
 
-fn try_expand(args: TokenStream, func: ItemFn) -> Result<TokenStream, syn::Error> {
-    let args = match args::parse_main(args) {
-        Ok(a) => a,
-        Err(e) => {
-            // Validate the function too, so every mistake shows in one build.
-            let e = match model::build(func.clone()) {
-                Ok(_) => e,
-                Err(more) => {
-                    let mut all = e;
-                    all.combine(more);
-                    all
-                }
-            };
-            return Err(e);
-        }
-    };
-    let model = model::build(func)?;
+fn try_expand(args: TokenStream, func: ItemFn) -> syn::Result<TokenStream> {
+    // Both halves are checked before either error is returned, so every mistake shows in one
+    // build.
+    let (args, model) = both(args::parse_main(args), model::build(func))?;
     Ok(generate(&args, model))
 }
 
-/// On error: the errors plus a `fn main` with the user's signature and an empty body, so the
-/// user does not also see "`main` function not found".
-fn fallback(err: syn::Error, func: &ItemFn) -> TokenStream {
-    let err = err.to_compile_error();
+fn both<A, B>(a: syn::Result<A>, b: syn::Result<B>) -> syn::Result<(A, B)> {
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+        (Err(mut e), Err(more)) => {
+            e.combine(more);
+            Err(e)
+        }
+    }
+}
+
+/// What is emitted after the errors: a `fn main` with the user's name and attributes and an
+/// empty body, so the user does not also see "`main` function not found".
+fn stub(func: &ItemFn) -> TokenStream {
     let attrs = &func.attrs;
     let vis = &func.vis;
     let ident = &func.sig.ident;
     quote! {
-        #err
         #(#attrs)*
         #vis fn #ident() {}
     }

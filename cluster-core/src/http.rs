@@ -1,0 +1,111 @@
+//! HTTP/1.1 serving with the drain built in: [`serve`] runs a hyper service on a cluster
+//! listener until the worker disconnects (a reload, a scale-down, a shutdown), then drains
+//! without failing a request.
+//!
+//! During the drain, every response carries `Connection: close`, so a keep-alive client learns
+//! that this connection ends with the answer it is reading and opens its next one to another
+//! worker; no connection is closed under a client that may be sending. Connections still idle
+//! after [`DrainOptions::idle_grace`] are closed; requests in flight always finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::header::{CONNECTION, HeaderValue};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+
+use crate::net::TcpListener;
+
+/// How the drain behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainOptions {
+    /// How long a keep-alive connection may stay idle during the drain before it is closed
+    /// (default 2 s). Clients that send within it get their answer with `Connection: close`.
+    pub idle_grace: Duration,
+}
+
+impl Default for DrainOptions {
+    fn default() -> Self {
+        DrainOptions { idle_grace: Duration::from_secs(2) }
+    }
+}
+
+/// Serves `handler` on `listener` until the worker disconnects, then drains; returns once
+/// every connection has ended.
+///
+/// ```no_run
+/// # async fn example() -> std::io::Result<()> {
+/// use http_body_util::Full;
+/// use hyper::body::Bytes;
+///
+/// let listener = cluster_core::net::TcpListener::bind("0.0.0.0:8000").await?;
+/// cluster_core::http::serve(listener, |_req| async {
+///     hyper::Response::new(Full::new(Bytes::from_static(b"hello world\n")))
+/// })
+/// .await
+/// # }
+/// ```
+pub async fn serve<H, F, B>(listener: TcpListener, handler: H) -> io::Result<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_with(listener, handler, DrainOptions::default()).await
+}
+
+/// [`serve`] with explicit drain options.
+pub async fn serve_with<H, F, B>(listener: TcpListener, handler: H, options: DrainOptions) -> io::Result<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let draining = Arc::new(AtomicBool::new(false));
+    let graceful = GracefulShutdown::new();
+    while let Some(conn) = listener.next().await {
+        let stream = match conn {
+            Ok((stream, _)) => stream,
+            // One failed accept concerns one client only.
+            Err(_) => continue,
+        };
+        let handler = handler.clone();
+        let draining = draining.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let handler = handler.clone();
+            let draining = draining.clone();
+            async move {
+                let mut res = handler(req).await;
+                if draining.load(Ordering::Relaxed) {
+                    // hyper closes the connection after a response that says so.
+                    res.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(res)
+            }
+        });
+        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    // The listener closed: the worker is leaving. Answer what comes with `Connection: close`,
+    // give idle keep-alive connections a moment to send, then close the rest once idle.
+    draining.store(true, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + options.idle_grace;
+    while graceful.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
