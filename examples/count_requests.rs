@@ -13,6 +13,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use tracing_subscriber::EnvFilter;
 
 /// From a worker to the primary.
 #[cluster::message]
@@ -23,6 +24,13 @@ enum ToPrimary {
 
 #[cluster::main(workers = "auto", messages(to_primary = ToPrimary))]
 async fn main() -> anyhow::Result<()> {
+    // Logs of the cluster's life (fork, online, exit, respawn, reload) on stderr; `RUST_LOG`
+    // picks the level (`RUST_LOG=info` shows every lifecycle step).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use cluster::Event;
 use tokio::io::AsyncReadExt;
+use tracing_subscriber::EnvFilter;
 
 /// From the primary to a worker.
 #[cluster::message]
@@ -19,6 +20,13 @@ enum ToWorker {
 
 #[cluster::main(workers = 1, messages(to_worker = ToWorker))]
 async fn main() -> anyhow::Result<()> {
+    // Logs of the cluster's life (fork, online, exit, respawn, reload) on stderr; `RUST_LOG`
+    // picks the level (`RUST_LOG=info` shows every lifecycle step).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())

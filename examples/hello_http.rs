@@ -15,9 +15,17 @@ use http_body_util::Full;
 use hyper::Response;
 use hyper::body::Bytes;
 use hyper::header::HeaderValue;
+use tracing_subscriber::EnvFilter;
 
 #[cluster::main(workers = "auto")]
 async fn main() -> anyhow::Result<()> {
+    // Logs of the cluster's life (fork, online, exit, respawn, reload) on stderr; `RUST_LOG`
+    // picks the level (`RUST_LOG=info` shows every lifecycle step).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())
@@ -27,7 +35,10 @@ async fn main() -> anyhow::Result<()> {
     {
         println!("Primary {} is running", std::process::id());
         let grace = Duration::from_secs(
-            std::env::var("CLUSTER_SHUTDOWN_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(30),
+            std::env::var("CLUSTER_SHUTDOWN_TIMEOUT")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(30),
         );
         // Production defaults: replace crashed workers (with backoff and a crash-loop guard),
         // kill workers that stop answering, and obey SIGTERM/SIGINT/SIGHUP/SIGTTIN/SIGTTOU.
@@ -36,7 +47,9 @@ async fn main() -> anyhow::Result<()> {
         cluster.handle_signals(grace)?;
         while let Some(event) = cluster.next_event().await {
             match event {
-                Event::Exit { worker, status } if worker.exited_after_disconnect() != Some(true) => {
+                Event::Exit { worker, status }
+                    if worker.exited_after_disconnect() != Some(true) =>
+                {
                     println!("worker {} died ({status}). Restarting...", worker.pid());
                 }
                 Event::Error { worker, error } => {

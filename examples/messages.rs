@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use cluster::Event;
+use tracing_subscriber::EnvFilter;
 
 const PINGS: u32 = 1000;
 
@@ -27,6 +28,13 @@ enum ToPrimary {
 
 #[cluster::main(workers = "auto", messages(to_primary = ToPrimary, to_worker = ToWorker))]
 async fn main() -> anyhow::Result<()> {
+    // Logs of the cluster's life (fork, online, exit, respawn, reload) on stderr; `RUST_LOG`
+    // picks the level (`RUST_LOG=info` shows every lifecycle step).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     #[primary(cluster)]
     {
         let expected = cluster.workers().len();

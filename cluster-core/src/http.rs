@@ -32,7 +32,9 @@ pub struct DrainOptions {
 
 impl Default for DrainOptions {
     fn default() -> Self {
-        DrainOptions { idle_grace: Duration::from_secs(2) }
+        DrainOptions {
+            idle_grace: Duration::from_secs(2),
+        }
     }
 }
 
@@ -63,7 +65,11 @@ where
 }
 
 /// [`serve`] with explicit drain options.
-pub async fn serve_with<H, F, B>(listener: TcpListener, handler: H, options: DrainOptions) -> io::Result<()>
+pub async fn serve_with<H, F, B>(
+    listener: TcpListener,
+    handler: H,
+    options: DrainOptions,
+) -> io::Result<()>
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
@@ -88,12 +94,14 @@ where
                 let mut res = handler(req).await;
                 if draining.load(Ordering::Relaxed) {
                     // hyper closes the connection after a response that says so.
-                    res.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                    res.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
                 Ok::<_, Infallible>(res)
             }
         });
-        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;

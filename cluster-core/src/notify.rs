@@ -13,16 +13,29 @@ static INHERITED: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
 /// The process must be single-threaded: it edits the environment.
 pub(crate) unsafe fn take_from_env() {
     let notify = std::env::var_os("NOTIFY_SOCKET");
-    let listen_pid = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok());
-    let listen_fds = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<i32>().ok()).unwrap_or(0);
-    for key in ["NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+    let listen_pid = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok());
+    let listen_fds = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    for key in [
+        "NOTIFY_SOCKET",
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+    ] {
         // SAFETY: the caller guarantees a single thread.
         unsafe { crate::sys::remove_env(key) };
     }
     let _ = NOTIFY.set(notify);
     if listen_pid == Some(std::process::id()) && listen_fds > 0 {
         let fds = crate::sys::adopt_listen_fds(listen_fds);
-        INHERITED.lock().unwrap_or_else(|p| p.into_inner()).extend(fds);
+        INHERITED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(fds);
     }
 }
 
@@ -30,11 +43,15 @@ pub(crate) unsafe fn take_from_env() {
 pub(crate) fn take_inherited(want: &crate::wire::BindAddr) -> Option<OwnedFd> {
     let mut list = INHERITED.lock().unwrap_or_else(|p| p.into_inner());
     let i = list.iter().position(|fd| {
-        let Ok(have) = crate::servers::local_addr(fd, want) else { return false };
+        let Ok(have) = crate::servers::local_addr(fd, want) else {
+            return false;
+        };
         match (want, &have) {
             (crate::wire::BindAddr::Tcp(w), crate::wire::BindAddr::Tcp(h))
             | (crate::wire::BindAddr::Udp(w), crate::wire::BindAddr::Udp(h)) => {
-                w.port() == h.port() && w.port() != 0 && (w.ip() == h.ip() || w.ip().is_unspecified())
+                w.port() == h.port()
+                    && w.port() != 0
+                    && (w.ip() == h.ip() || w.ip().is_unspecified())
             }
             _ => false,
         }
@@ -43,8 +60,12 @@ pub(crate) fn take_inherited(want: &crate::wire::BindAddr) -> Option<OwnedFd> {
 }
 
 fn send(state: &str) {
-    let Some(Some(path)) = NOTIFY.get() else { return };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let Some(Some(path)) = NOTIFY.get() else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
     let bytes = path.as_encoded_bytes();
     if let Some(name) = bytes.strip_prefix(b"@") {
         #[cfg(target_os = "linux")]

@@ -149,7 +149,10 @@ impl<P: Message, W: Message> Primary<P, W> {
         for _ in 0..n {
             match self.fork() {
                 Ok(w) => started.push(w),
-                Err(error) => self.inner.emit(Event::Error { worker: None, error }),
+                Err(error) => self.inner.emit(Event::Error {
+                    worker: None,
+                    error,
+                }),
             }
         }
         // Tell a service manager we serve once the first workers are ready: listening, or
@@ -160,7 +163,9 @@ impl<P: Message, W: Message> Primary<P, W> {
                     let st = w.shared.lock();
                     st.state == WorkerState::Listening
                         || (st.state == WorkerState::Online
-                            && st.last_pong.is_some_and(|t| t.elapsed() > Duration::from_millis(500)))
+                            && st
+                                .last_pong
+                                .is_some_and(|t| t.elapsed() > Duration::from_millis(500)))
                         || st.dead
                 });
                 if ready {
@@ -368,7 +373,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, worker.clone());
         inner.registry.live.send_modify(|n| *n += 1);
-        let _ = inner.events_tx.send(Event::Fork {
+        inner.emit(Event::Fork {
             worker: worker.clone(),
         });
 
@@ -492,7 +497,11 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// [`RespawnPolicy`]). Off by default, as in Node.
     pub fn set_respawn(&self, policy: Option<RespawnPolicy>) {
         *self.inner.respawn.lock().unwrap_or_else(|p| p.into_inner()) =
-            policy.map(|policy| RespawnState { policy, backoff: policy.min_backoff, crashes: VecDeque::new() });
+            policy.map(|policy| RespawnState {
+                policy,
+                backoff: policy.min_backoff,
+                crashes: VecDeque::new(),
+            });
     }
 
     /// Applies the respawn policy after a worker's exit.
@@ -505,21 +514,30 @@ impl<P: Message, W: Message> Primary<P, W> {
         let now = Instant::now();
         let policy = rs.policy;
         rs.crashes.push_back(now);
-        while rs.crashes.front().is_some_and(|t| now.duration_since(*t) > policy.crash_window) {
+        while rs
+            .crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.crash_window)
+        {
             rs.crashes.pop_front();
         }
         if rs.crashes.len() >= policy.crash_limit {
             let crashes = rs.crashes.len();
             *guard = None;
             drop(guard);
-            let last = w.last_error().unwrap_or_else(|| format!("exited with status {status}"));
+            let last = w
+                .last_error()
+                .unwrap_or_else(|| format!("exited with status {status}"));
             let message = format!(
                 "crash loop: {crashes} workers failed within {}s; stopping the cluster. Last error (worker {}): {}",
                 policy.crash_window.as_secs(),
                 w.id(),
                 last.replace('\n', "; ")
             );
-            self.inner.emit(Event::Error { worker: None, error: Error::new(ErrorKind::CrashLoop, message.clone()) });
+            self.inner.emit(Event::Error {
+                worker: None,
+                error: Error::new(ErrorKind::CrashLoop, message.clone()),
+            });
             let me = self.clone();
             tokio::spawn(async move {
                 me.shutdown(Duration::from_secs(10)).await;
@@ -535,6 +553,12 @@ impl<P: Message, W: Message> Primary<P, W> {
         let delay = rs.backoff;
         rs.backoff = (rs.backoff * 2).min(policy.max_backoff);
         drop(guard);
+        tracing::info!(
+            worker.id = w.id(),
+            worker.pid = w.pid(),
+            delay_ms = delay.as_millis() as u64,
+            "respawning worker"
+        );
         let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -542,7 +566,10 @@ impl<P: Message, W: Message> Primary<P, W> {
                 return;
             }
             if let Err(error) = me.fork() {
-                me.inner.emit(Event::Error { worker: None, error });
+                me.inner.emit(Event::Error {
+                    worker: None,
+                    error,
+                });
             }
         });
     }
@@ -559,8 +586,15 @@ impl<P: Message, W: Message> Primary<P, W> {
             loop {
                 tick.tick().await;
                 seq += 1;
-                let alive: Vec<WorkerRef<W>> =
-                    me.inner.registry.alive.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+                let alive: Vec<WorkerRef<W>> = me
+                    .inner
+                    .registry
+                    .alive
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
                 for w in alive {
                     let (state, connected, last) = {
                         let st = w.shared.lock();
@@ -575,18 +609,28 @@ impl<P: Message, W: Message> Primary<P, W> {
                             w.id(),
                             hb.boot_timeout.as_secs()
                         )),
-                        (WorkerState::Online | WorkerState::Listening, Some(t)) if t.elapsed() > hb.timeout => Some(format!(
-                            "worker {} did not answer heartbeats for {}s; killing it",
-                            w.id(),
-                            hb.timeout.as_secs()
-                        )),
+                        (WorkerState::Online | WorkerState::Listening, Some(t))
+                            if t.elapsed() > hb.timeout =>
+                        {
+                            Some(format!(
+                                "worker {} did not answer heartbeats for {}s; killing it",
+                                w.id(),
+                                hb.timeout.as_secs()
+                            ))
+                        }
                         _ => None,
                     };
                     if let Some(msg) = silent {
-                        me.inner.emit(Event::Error { worker: Some(w.clone()), error: Error::new(ErrorKind::Unresponsive, msg) });
+                        me.inner.emit(Event::Error {
+                            worker: Some(w.clone()),
+                            error: Error::new(ErrorKind::Unresponsive, msg),
+                        });
                         let _ = w.kill_with(nix::sys::signal::Signal::SIGKILL);
                     } else if matches!(state, WorkerState::Online | WorkerState::Listening) {
-                        let _ = w.shared.outbox.send(&Wire::<()>::Control(Control::Ping(seq)), vec![]);
+                        let _ = w
+                            .shared
+                            .outbox
+                            .send(&Wire::<()>::Control(Control::Ping(seq)), vec![]);
                     }
                 }
             }
@@ -636,6 +680,11 @@ impl<P: Message, W: Message> Primary<P, W> {
                 continue;
             }
             let listening = old.state() == WorkerState::Listening;
+            tracing::info!(
+                worker.id = old.id(),
+                worker.pid = old.pid(),
+                "reload: starting a replacement"
+            );
             let new = self.fork()?;
             let ready = tokio::time::timeout(grace, async {
                 loop {
@@ -661,6 +710,11 @@ impl<P: Message, W: Message> Primary<P, W> {
                     ),
                 ));
             }
+            tracing::info!(
+                worker.id = old.id(),
+                replacement = new.id(),
+                "reload: replacement ready, disconnecting the old worker"
+            );
             old.disconnect();
             let gone = tokio::time::timeout(grace, async {
                 while !old.is_dead() {
@@ -684,6 +738,7 @@ impl<P: Message, W: Message> Primary<P, W> {
 
 impl<P: Message, W: Message> Inner<P, W> {
     fn emit(&self, ev: Event<P, W>) {
+        trace_event(&ev);
         let _ = self.events_tx.send(ev);
     }
 
@@ -734,6 +789,33 @@ impl<P: Message, W: Message> Inner<P, W> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&w.id());
         self.registry.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Every lifecycle event is also a structured `tracing` event, with the worker's id and pid as
+/// fields, so a subscriber sees the cluster's life without code of its own.
+fn trace_event<P, W>(ev: &Event<P, W>) {
+    use tracing::{debug, error, info, trace, warn};
+    let (id, pid) = ev.worker().map_or((0, 0), |w| (w.id(), w.pid()));
+    match ev {
+        Event::Fork { .. } => info!(worker.id = id, worker.pid = pid, "worker forked"),
+        Event::Online { .. } => info!(worker.id = id, worker.pid = pid, "worker online"),
+        Event::Listening { address, .. } => {
+            info!(worker.id = id, worker.pid = pid, address = %address, "worker listening")
+        }
+        Event::Disconnect { .. } => debug!(worker.id = id, worker.pid = pid, "worker disconnected"),
+        Event::Exit { worker, status } => {
+            if worker.exited_after_disconnect() == Some(true) {
+                info!(worker.id = id, worker.pid = pid, status = %status, "worker exited")
+            } else {
+                warn!(worker.id = id, worker.pid = pid, status = %status, last_error = worker.last_error(), "worker died")
+            }
+        }
+        Event::Message { .. } => trace!(worker.id = id, worker.pid = pid, "message"),
+        Event::Error { error, .. } => {
+            error!(worker.id = id, worker.pid = pid, kind = ?error.kind(), error = %error, "cluster error")
+        }
+        Event::Setup { .. } => debug!("settings changed"),
     }
 }
 
