@@ -304,3 +304,42 @@ fn a_bad_worker_id_or_missing_channel_is_a_clear_exit() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("not a cluster channel"), "{err}");
 }
+
+#[test]
+fn settings_are_cumulative_and_only_later_forks_see_them() {
+    let mut p = fixture("1");
+    let pid = online(&mut p, 1);
+    let dir = std::env::temp_dir();
+    let dir = dir.canonicalize().unwrap();
+    p.send("args alpha beta");
+    p.wait_for("args", |l| l == "args set");
+    p.send(&format!("cwd {}", dir.display()));
+    p.wait_for("cwd", |l| l == "cwd set");
+    p.send("fork");
+    let pid2 = online(&mut p, 2);
+    let _guard = KillOnDrop(vec![pid, pid2]);
+    // The second change kept the first: worker 2 has both the arguments and the directory.
+    p.send("send 2 where");
+    let want = format!(
+        r#"event message id=2 msg=Where {{ cwd: "{}", args: ["alpha", "beta"] }} handle=false"#,
+        dir.display()
+    );
+    p.seen_or_wait("where 2", |l| l == want);
+    // Worker 1 was forked before: its arguments are the primary's (none).
+    p.send("send 1 where");
+    p.seen_or_wait("where 1", |l| {
+        l.starts_with("event message id=1 msg=Where {") && l.contains("args: []")
+    });
+}
+
+#[test]
+fn a_worker_panic_is_reported_as_its_last_error() {
+    let mut p = fixture("1");
+    let pid = online(&mut p, 1);
+    let _guard = KillOnDrop(vec![pid]);
+    p.send("send 1 panic");
+    p.seen_or_wait("exit", |l| {
+        l.starts_with("event exit id=1 status=101 dead=true ead=Some(false)")
+    });
+    wait_gone(pid);
+}

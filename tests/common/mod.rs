@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 /// Default deadline for any single wait in a test.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// Path of an example binary, building it first if `cargo test` has not.
+/// Path of an example binary, (re)built once per test process so it is never stale, also when
+/// only one test target was asked for (`cargo test --test NAME` builds no examples).
 pub fn example(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
@@ -20,7 +22,9 @@ pub fn example(name: &str) -> PathBuf {
         .expect("target/<profile>")
         .to_path_buf();
     let path = dir.join("examples").join(name);
-    if !path.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|b| b == name) {
+        built.push(name.to_owned());
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--example", name]);
