@@ -15,6 +15,7 @@ use http_body_util::Full;
 use hyper::Response;
 use hyper::body::Bytes;
 use hyper::header::HeaderValue;
+use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 #[cluster::main(workers = "auto")]
@@ -45,7 +46,17 @@ async fn main() -> anyhow::Result<()> {
         cluster.set_respawn(Some(RespawnPolicy::default()));
         cluster.set_heartbeat(Heartbeat::default());
         cluster.handle_signals(grace)?;
-        while let Some(event) = cluster.next_event().await {
+        // SIGUSR2 prints a table of the workers: pid, state, uptime, connections, messages.
+        let mut usr2 = signal(SignalKind::user_defined2())?;
+        loop {
+            let event = tokio::select! {
+                event = cluster.next_event() => event,
+                _ = usr2.recv() => {
+                    print!("{}", cluster.stats());
+                    continue;
+                }
+            };
+            let Some(event) = event else { break };
             match event {
                 Event::Exit { worker, status }
                     if worker.exited_after_disconnect() != Some(true) =>

@@ -58,8 +58,8 @@ extern crate self as cluster;
 
 pub use cluster_core::{
     Config, Context, Error, ErrorKind, Event, ExitStatus, Flavor, Heartbeat, Message, Outcome,
-    Primary, RespawnPolicy, Role, SchedulingPolicy, Settings, Signal, WORKER_ID_VAR, Worker,
-    WorkerRef, WorkerState, Workers, is_primary, is_worker, run, worker_id,
+    Primary, RespawnPolicy, Role, SchedulingPolicy, Settings, Signal, Stats, WORKER_ID_VAR, Worker,
+    WorkerRef, WorkerState, WorkerStats, Workers, is_primary, is_worker, run, worker_id,
 };
 
 /// Turns `async fn main` into a cluster: a primary that forks workers, and the workers.

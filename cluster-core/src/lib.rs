@@ -45,7 +45,7 @@ pub use config::{Config, Flavor, Heartbeat, RespawnPolicy, SchedulingPolicy, Set
 pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, ExitStatus, WorkerState};
 pub use message::{FNV_OFFSET, Message, fnv1a};
-pub use primary::{Primary, WorkerRef};
+pub use primary::{Primary, Stats, WorkerRef, WorkerStats};
 pub use run::{Context, Outcome, Role, WORKER_ID_VAR, is_primary, is_worker, run, worker_id};
 pub use worker::Worker;
 

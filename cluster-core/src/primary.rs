@@ -61,6 +61,7 @@ pub(crate) struct Inner<P, W> {
     /// Workers of the configured count not forked yet: they start on first use of the handle,
     /// so the primary's own code (a banner, `setup_primary`) runs before any worker.
     pending: std::sync::atomic::AtomicUsize,
+    respawns: AtomicU64,
     exe: Option<std::fs::File>,
     argv0: OsString,
     fingerprint: u64,
@@ -124,6 +125,7 @@ impl<P: Message, W: Message> Primary<P, W> {
                 closing: AtomicBool::new(false),
                 respawn: Mutex::new(None),
                 pending: std::sync::atomic::AtomicUsize::new(0),
+                respawns: AtomicU64::new(0),
                 exe,
                 argv0: std::env::args_os()
                     .next()
@@ -355,6 +357,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             started: Instant::now(),
             msgs_in: AtomicU64::new(0),
             msgs_out: AtomicU64::new(0),
+            conns: AtomicU64::new(0),
         });
         let worker = WorkerRef {
             shared,
@@ -565,6 +568,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             if me.inner.closing.load(Ordering::Relaxed) {
                 return;
             }
+            me.inner.respawns.fetch_add(1, Ordering::Relaxed);
             if let Err(error) = me.fork() {
                 me.inner.emit(Event::Error {
                     worker: None,
@@ -635,6 +639,39 @@ impl<P: Message, W: Message> Primary<P, W> {
                 }
             }
         });
+    }
+
+    /// A snapshot of the cluster: every live worker's pid, state, uptime, connections and
+    /// messages, and how many workers the respawn policy replaced.
+    pub fn stats(&self) -> Stats {
+        let alive: Vec<WorkerRef<W>> = self
+            .inner
+            .registry
+            .alive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        Stats {
+            workers: alive
+                .iter()
+                .map(|w| {
+                    let (messages_in, messages_out) = w.message_counts();
+                    WorkerStats {
+                        id: w.id(),
+                        pid: w.pid(),
+                        state: w.state(),
+                        uptime: w.uptime(),
+                        connections: w.shared.conns.load(Ordering::Relaxed),
+                        messages_in,
+                        messages_out,
+                    }
+                })
+                .collect(),
+            forked: u64::from(self.inner.next_id.load(Ordering::Relaxed) - 1),
+            respawns: self.inner.respawns.load(Ordering::Relaxed),
+        }
     }
 
     /// Graceful shutdown: disconnects every worker (their servers stop taking connections and
@@ -913,7 +950,12 @@ async fn read_worker<P: Message, W: Message>(
                         address: addr,
                     });
                 }
-                other => inner.servers.handle(id, &w.shared.outbox, other, fds),
+                other => {
+                    if let Control::Accepted { n, .. } = &other {
+                        w.shared.conns.fetch_add(u64::from(*n), Ordering::Relaxed);
+                    }
+                    inner.servers.handle(id, &w.shared.outbox, other, fds)
+                }
             },
         }
     };
@@ -926,6 +968,70 @@ async fn read_worker<P: Message, W: Message>(
     drop(reader);
     inner.on_disconnect(&w);
     let _ = done.send(());
+}
+
+/// A snapshot of the cluster, from [`Primary::stats`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Live workers (not yet both disconnected and exited), by id.
+    pub workers: Vec<WorkerStats>,
+    /// Workers forked since start.
+    pub forked: u64,
+    /// Workers started by the respawn policy.
+    pub respawns: u64,
+}
+
+/// One worker in [`Stats`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Worker id.
+    pub id: u32,
+    /// Process id.
+    pub pid: u32,
+    /// Lifecycle state.
+    pub state: WorkerState,
+    /// Time since its fork.
+    pub uptime: Duration,
+    /// Connections the primary handed it (round-robin) and it took.
+    pub connections: u64,
+    /// Typed messages it sent to the primary.
+    pub messages_in: u64,
+    /// Typed messages the primary sent it.
+    pub messages_out: u64,
+}
+
+/// A table, one worker per line.
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} workers, {} forked, {} respawned",
+            self.workers.len(),
+            self.forked,
+            self.respawns
+        )?;
+        writeln!(
+            f,
+            "{:>4} {:>8} {:>12} {:>10} {:>12} {:>10} {:>10}",
+            "id", "pid", "state", "uptime", "connections", "msgs in", "msgs out"
+        )?;
+        for w in &self.workers {
+            writeln!(
+                f,
+                "{:>4} {:>8} {:>12} {:>9}s {:>12} {:>10} {:>10}",
+                w.id,
+                w.pid,
+                w.state.to_string(),
+                w.uptime.as_secs(),
+                w.connections,
+                w.messages_in,
+                w.messages_out
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// The primary's handle on one worker (Node's `Worker` in the primary).
@@ -972,6 +1078,7 @@ pub(crate) struct WorkerShared {
     started: Instant,
     msgs_in: AtomicU64,
     msgs_out: AtomicU64,
+    conns: AtomicU64,
 }
 
 impl WorkerShared {
