@@ -466,8 +466,14 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// The next event. Returns `None` once [`disconnect`](Self::disconnect) has completed and
     /// every queued event was read (a later `fork` opens the stream again).
     pub async fn next_event(&self) -> Option<Event<P, W>> {
-        self.ensure_started();
+        if self.inner.pending.load(Ordering::Relaxed) != 0 {
+            self.ensure_started();
+        }
         let mut rx = self.inner.events_rx.lock().await;
+        // The hot path under message load: an event is already queued.
+        if let Ok(ev) = rx.try_recv() {
+            return Some(ev);
+        }
         let mut live = self.inner.registry.live.subscribe();
         loop {
             if let Ok(ev) = rx.try_recv() {

@@ -131,10 +131,16 @@ where
                     // A terminal's Ctrl-C or hang-up reaches the whole process group; the
                     // primary orchestrates shutdown and reload, so workers catch SIGINT and
                     // SIGHUP instead of dying mid-request.
-                    let _sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
-                    let _sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+                    let _sigint =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+                    let _sighup =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
                     let worker = Worker::<P, W>::start(id, channel, config.max_frame).await;
-                    let out = main(Context { primary: None, worker: Some(worker) }).await;
+                    let out = main(Context {
+                        primary: None,
+                        worker: Some(worker),
+                    })
+                    .await;
                     if let Some(link) = crate::worker::link() {
                         if let Some(message) = out.failure() {
                             link.report_fatal(message);
