@@ -91,10 +91,11 @@ pub mod __private {
     pub use core::future::Future;
     pub use core::option::Option;
 
-    /// Compile-time check that a type is a cluster message; the macro spans it at the user's type.
-    pub const fn assert_message<T: Message>() {}
-
     /// What an `#[on(..)]` handler may return: nothing, or a result whose error is reported.
+    #[diagnostic::on_unimplemented(
+        message = "an `#[on(..)]` handler must return `()` or `Result<(), E>`",
+        label = "this handler returns `{Self}`"
+    )]
     pub trait HandlerOutput {
         /// Reports an error, if any, on stderr.
         fn report(self, handler: &str);

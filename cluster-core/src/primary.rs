@@ -494,6 +494,8 @@ impl<P: Message, W: Message> Primary<P, W> {
     pub async fn disconnect(&self) {
         self.inner.pending.store(0, Ordering::Relaxed);
         self.inner.closing.store(true, Ordering::Relaxed);
+        // Wake a `next_event` that waits: with no worker left it must now end.
+        self.inner.registry.live.send_modify(|_| {});
         for w in self.workers() {
             if w.is_connected() {
                 w.disconnect();

@@ -54,10 +54,15 @@ impl Keys {
                 .map(|a| format!("`{a}`"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            return Err(meta.error(format!("unknown {what} `{key}`; expected one of {list}")));
+            let expected = if self.accepted.len() == 1 {
+                format!("the only {what} is {list}")
+            } else {
+                format!("expected one of {list}")
+            };
+            return Err(meta.error(format!("unknown {what} `{key}`; {expected}")));
         }
         if self.seen.contains(&key) {
-            return Err(meta.error(format!("duplicate {what} `{key}`; give it once")));
+            return Err(meta.error(format!("duplicate {what} `{key}`; remove one of them")));
         }
         self.seen.push(key.clone());
         Ok(key)
@@ -116,47 +121,41 @@ pub fn parse_main(tokens: TokenStream) -> Result<MainArgs, Error> {
 }
 
 fn parse_workers(meta: &ParseNestedMeta<'_>) -> syn::Result<(WorkersArg, Span)> {
-    let expected = "expected `workers = \"auto\"` or `workers = N` with an integer N >= 1";
+    let expected = "expected `workers = \"auto\"` or an integer of at least 1, as in `workers = 4`";
     let value = meta.value()?;
     if value.peek(LitStr) {
         let s: LitStr = value.parse()?;
-        if s.value() == "auto" {
+        let text = s.value();
+        if text == "auto" {
             return Ok((WorkersArg::Auto, s.span()));
         }
-        if let Ok(n) = s.value().parse::<usize>() {
-            let hint = if n == 0 {
-                String::new()
-            } else {
-                format!("; write `workers = {n}`")
-            };
-            return Err(Error::new(
-                s.span(),
-                format!("invalid `workers` value {:?}; {expected}{hint}", s.value()),
-            ));
-        }
-        return Err(Error::new(
-            s.span(),
-            format!("invalid `workers` value {:?}; {expected}", s.value()),
-        ));
+        let msg = match text.trim().parse::<usize>() {
+            Ok(0) => "`workers` must be at least 1; write `workers = \"auto\"` for one per CPU"
+                .to_owned(),
+            Ok(n) => format!("`workers` takes an integer, not a string; write `workers = {n}`"),
+            Err(_) => format!("invalid `workers` value `{text:?}`; {expected}"),
+        };
+        return Err(Error::new(s.span(), msg));
     }
     if value.peek(LitInt) {
         let n: LitInt = value.parse()?;
         return match n.base10_parse::<usize>() {
             Ok(0) => Err(Error::new(
                 n.span(),
-                "`workers` must be at least 1; use `workers = \"auto\"` for one per CPU",
+                "`workers` must be at least 1; write `workers = \"auto\"` for one per CPU",
             )),
             Ok(v) => Ok((WorkersArg::Count(v), n.span())),
             Err(_) => Err(Error::new(
                 n.span(),
-                format!("invalid `workers` value; {expected}"),
+                format!("invalid `workers` value `{n}`; {expected}"),
             )),
         };
     }
     let e: syn::Expr = value.parse()?;
     Err(Error::new_spanned(
         e,
-        format!("invalid `workers` value; {expected}"),
+        "`workers` takes a literal: `\"auto\"` or an integer of at least 1, as in \
+         `workers = 4`; to choose at run time, set the `CLUSTER_WORKERS` environment variable",
     ))
 }
 
@@ -173,12 +172,12 @@ fn parse_scheduling(meta: &ParseNestedMeta<'_>) -> syn::Result<(String, Span)> {
             v @ ("round-robin" | "shared" | "reuseport") => Ok((v.to_owned(), s.span())),
             other => Err(Error::new(
                 s.span(),
-                format!("unknown scheduling policy {other:?}; expected one of {POLICIES}"),
+                format!("unknown scheduling policy `{other:?}`; expected one of {POLICIES}"),
             )),
         },
         _ => Err(Error::new_spanned(
             e,
-            format!("`scheduling` takes a string: one of {POLICIES}"),
+            format!("`scheduling` takes a string; expected one of {POLICIES}"),
         )),
     }
 }
@@ -191,7 +190,7 @@ fn parse_messages(
     if !meta.input.peek(syn::token::Paren) {
         skip_value(meta);
         return Err(
-            meta.error("`messages` takes a list: `messages(to_primary = T, to_worker = U)`")
+            meta.error("`messages` takes a list, as in `messages(to_primary = T, to_worker = U)`")
         );
     }
     let mut keys = Keys::new(&["to_primary", "to_worker"]);
@@ -215,12 +214,24 @@ fn parse_messages(
 }
 
 fn parse_crate(meta: &ParseNestedMeta<'_>) -> syn::Result<Path> {
-    let s: LitStr = meta.value()?.parse()?;
+    let value = meta.value()?;
+    if !value.peek(LitStr) {
+        let e: syn::Expr = value.parse()?;
+        return Err(Error::new_spanned(
+            &e,
+            format!(
+                "`crate` takes a string; write `crate = \"{}\"`",
+                quote::quote!(#e).to_string().replace(' ', "")
+            ),
+        ));
+    }
+    let s: LitStr = value.parse()?;
     s.parse::<Path>().map_err(|_| {
         Error::new(
             s.span(),
             format!(
-                "`crate` must be a path, such as `\"my_cluster\"`; got {:?}",
+                "`crate` takes the path of the renamed `cluster` dependency, such as \
+                 `\"my_cluster\"`; `{:?}` is not a path",
                 s.value()
             ),
         )

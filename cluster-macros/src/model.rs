@@ -43,6 +43,9 @@ pub const EVENTS: &[(&str, &str, &[&str])] = &[
 /// An `#[on(event)] async fn` in the primary branch.
 pub struct Handler {
     pub event: usize,
+    /// The event's name in `#[on(..)]`: the event's fields are passed with its span, so a
+    /// handler whose parameters do not fit shows which event they should fit.
+    pub event_span: Span,
     pub ident: Ident,
 }
 
@@ -83,16 +86,18 @@ fn binding(attr: &Attribute, role: Role) -> syn::Result<Option<Ident>> {
     match &attr.meta {
         syn::Meta::Path(_) => Ok(None),
         syn::Meta::List(l) => l.parse_args::<Ident>().map(Some).map_err(|_| {
-            Error::new(
-                l.tokens.span(),
-                format!(
-                    "expected one name for the {0} handle, as in `#[{0}(handle)]`",
-                    role.name()
-                ),
-            )
+            let msg = format!(
+                "expected one name for the {0} handle, as in `#[{0}(handle)]`",
+                role.name()
+            );
+            if l.tokens.is_empty() {
+                Error::new(l.delimiter.span().join(), msg)
+            } else {
+                Error::new_spanned(&l.tokens, msg)
+            }
         }),
-        syn::Meta::NameValue(nv) => Err(Error::new(
-            nv.span(),
+        syn::Meta::NameValue(nv) => Err(Error::new_spanned(
+            nv,
             format!("expected `#[{0}]` or `#[{0}(handle)]`", role.name()),
         )),
     }
@@ -106,31 +111,49 @@ pub fn build(mut func: ItemFn) -> Result<Model, Error> {
             &mut errors,
             Error::new(
                 sig.fn_token.span,
-                "`#[cluster::main]` requires an `async fn`; write `async fn main()`",
+                format!(
+                    "`#[cluster::main]` requires an `async fn`; write `async fn {}()`",
+                    sig.ident
+                ),
             ),
         );
     }
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+    // `new_spanned` underlines every token of the node; `Spanned::span` gives only the first
+    // on stable.
+    if !sig.generics.params.is_empty() {
         push(
             &mut errors,
-            Error::new(
-                sig.generics.span(),
-                "`#[cluster::main]` function cannot be generic; remove the generic parameters",
+            Error::new_spanned(
+                &sig.generics,
+                "the `#[cluster::main]` function cannot be generic; remove the generic parameters",
+            ),
+        );
+    }
+    if let Some(clause) = &sig.generics.where_clause {
+        push(
+            &mut errors,
+            Error::new_spanned(
+                clause,
+                "the `#[cluster::main]` function cannot have a `where` clause; remove it",
             ),
         );
     }
     if !sig.inputs.is_empty() {
         push(
             &mut errors,
-            Error::new(
-                sig.inputs.span(),
-                "`#[cluster::main]` function takes no parameters; remove them",
+            Error::new_spanned(
+                &sig.inputs,
+                "the `#[cluster::main]` function takes no parameters; remove them, and read \
+                 command-line arguments with `std::env::args()`",
             ),
         );
     }
     let mut parts = Vec::new();
     let mut primary: Option<Branch> = None;
     let mut worker: Option<Branch> = None;
+    // A block marked with both roles already has its error; it would also make one of them
+    // look missing.
+    let mut both_roles = false;
     let stmts = std::mem::take(&mut func.block.stmts);
     for stmt in stmts {
         let Stmt::Expr(syn::Expr::Block(mut eb), semi) = stmt else {
@@ -145,18 +168,19 @@ pub fn build(mut func: ItemFn) -> Result<Model, Error> {
             continue;
         };
         let attr = eb.attrs.remove(i);
-        if let Some((_, again)) = branch_attr(&eb.attrs) {
+        if let Some((j, again)) = branch_attr(&eb.attrs) {
             push(
                 &mut errors,
                 Error::new(
-                    eb.attrs[0].span(),
+                    eb.attrs[j].path().span(),
                     format!(
-                        "a block cannot be both `#[{}]` and `#[{}]`",
+                        "a block cannot be both `#[{}]` and `#[{}]`; give each role its own block",
                         role.name(),
                         again.name()
                     ),
                 ),
             );
+            both_roles = true;
             continue;
         }
         let bind = match binding(&attr, role) {
@@ -174,9 +198,10 @@ pub fn build(mut func: ItemFn) -> Result<Model, Error> {
             push(
                 &mut errors,
                 Error::new(
-                    attr.span(),
+                    attr.path().span(),
                     format!(
-                        "duplicate `#[{0}]` block; `main` has exactly one `#[{0}] {{ .. }}` block",
+                        "duplicate `#[{0}]` block; `main` takes one, so merge this block into \
+                         the first `#[{0}]` block",
                         role.name()
                     ),
                 ),
@@ -197,21 +222,23 @@ pub fn build(mut func: ItemFn) -> Result<Model, Error> {
         parts.push(Part::Branch(role));
     }
     let name = &func.sig.ident;
-    if primary.is_none() {
+    if primary.is_none() && !both_roles {
         push(
             &mut errors,
             Error::new(
                 name.span(),
-                "missing `#[primary] { .. }` block: add the code only the primary runs, as in `#[primary(cluster)] { .. }`",
+                "missing `#[primary] { .. }` block; add the code only the primary runs, as in \
+                 `#[primary(cluster)] { .. }`",
             ),
         );
     }
-    if worker.is_none() {
+    if worker.is_none() && !both_roles {
         push(
             &mut errors,
             Error::new(
                 name.span(),
-                "missing `#[worker] { .. }` block: add the code every worker runs, as in `#[worker(worker)] { .. }`",
+                "missing `#[worker] { .. }` block; add the code every worker runs, as in \
+                 `#[worker(worker)] { .. }`",
             ),
         );
     }
@@ -242,9 +269,9 @@ fn take_handlers(block: &mut Block, errors: &mut Option<Error>) -> Vec<Handler> 
             .map(|(n, _, _)| format!("`{n}`"))
             .collect::<Vec<_>>()
             .join(", ");
-        let event = match attr.parse_args::<Ident>() {
+        let (event, event_span) = match attr.parse_args::<Ident>() {
             Ok(ev) => match EVENTS.iter().position(|(n, _, _)| ev == n) {
-                Some(k) => k,
+                Some(k) => (k, ev.span()),
                 None => {
                     push(
                         errors,
@@ -259,39 +286,48 @@ fn take_handlers(block: &mut Block, errors: &mut Option<Error>) -> Vec<Handler> 
             Err(_) => {
                 push(
                     errors,
-                    Error::new(
-                        attr.span(),
-                        format!("expected `#[on(event)]` with an event: one of {names}"),
+                    Error::new_spanned(
+                        &attr.meta,
+                        format!("expected `#[on(event)]` with one event: one of {names}"),
                     ),
                 );
                 continue;
             }
         };
+        let name = EVENTS[event].0;
         if f.sig.asyncness.is_none() {
             push(
                 errors,
                 Error::new(
                     f.sig.fn_token.span,
-                    "an `#[on(..)]` handler must be an `async fn`",
-                ),
-            );
-            continue;
-        }
-        if handlers.iter().any(|h| h.event == event) {
-            push(
-                errors,
-                Error::new(
-                    attr.span(),
                     format!(
-                        "duplicate handler for `{}`; one handler per event",
-                        EVENTS[event].0
+                        "an `#[on({name})]` handler must be an `async fn`; write `async fn {}`",
+                        f.sig.ident
                     ),
                 ),
             );
             continue;
         }
+        if let Some(first) = handlers.iter().find(|h| h.event == event) {
+            push(
+                errors,
+                Error::new(
+                    event_span,
+                    format!(
+                        "duplicate handler for the `{name}` event, already handled by `{}`; \
+                         merge the two into one `#[on({name})]` handler",
+                        first.ident
+                    ),
+                ),
+            );
+            continue;
+        }
+        // Handlers must be `async` to be awaited by the loop, even those that await nothing.
+        f.attrs
+            .push(syn::parse_quote!(#[allow(clippy::unused_async)]));
         handlers.push(Handler {
             event,
+            event_span,
             ident: f.sig.ident.clone(),
         });
     }

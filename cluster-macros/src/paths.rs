@@ -2,7 +2,8 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
-use syn::Path;
+use syn::spanned::Spanned;
+use syn::{Ident, Path};
 
 /// The root the expansion names: `::cluster` or the user's `crate = "path"`.
 #[derive(Clone)]
@@ -14,6 +15,18 @@ impl Krate {
             Some(p) => quote!(#p),
             None => quote!(::cluster),
         }
+    }
+
+    /// `use <root> as __cluster;`, and the `Krate` that names paths through that alias. Inside
+    /// a function body, paths through the alias make a wrong `crate = ".."` one error on the
+    /// import, not one per emitted path.
+    pub fn import(&self) -> (TokenStream, Krate) {
+        let root = self.root();
+        // On the user's `crate = ".."` string, where an unresolved path is reported.
+        let span = self.0.as_ref().map_or_else(Span::call_site, Spanned::span);
+        let alias = Ident::new("__cluster", Span::mixed_site().located_at(span));
+        let import = quote_spanned!(span=> use #root as #alias;);
+        (import, Krate(Some(Path::from(alias))))
     }
 
     fn private(&self) -> TokenStream {
@@ -59,11 +72,6 @@ impl Krate {
     pub fn message_trait(&self, span: Span) -> TokenStream {
         let p = self.private();
         quote_spanned!(span=> #p::Message)
-    }
-
-    pub fn assert_message(&self, span: Span) -> TokenStream {
-        let p = self.private();
-        quote_spanned!(span=> #p::assert_message)
     }
 
     pub fn handler_output(&self) -> TokenStream {

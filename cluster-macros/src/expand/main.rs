@@ -2,8 +2,7 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
-use syn::spanned::Spanned;
-use syn::{Ident, ItemFn};
+use syn::{Expr, Ident, Item, ItemFn, Stmt};
 
 use crate::args::{self, MainArgs, WorkersArg};
 use crate::model::{self, Branch, EVENTS, Part, Role};
@@ -42,15 +41,38 @@ fn both<A, B>(a: syn::Result<A>, b: syn::Result<B>) -> syn::Result<(A, B)> {
     }
 }
 
-/// What is emitted after the errors: a `fn main` with the user's name and attributes and an
-/// empty body, so the user does not also see "`main` function not found".
+/// What is emitted after the errors: a `fn main` with the user's name and attributes, so the
+/// user does not also see "`main` function not found", holding the items of the body (handlers,
+/// `use` declarations, helper functions) without their `#[on(..)]`, so that what the body uses
+/// is not also reported as unused.
 fn stub(func: &ItemFn) -> TokenStream {
     let attrs = &func.attrs;
     let vis = &func.vis;
     let ident = &func.sig.ident;
+    let mut items = Vec::new();
+    for stmt in &func.block.stmts {
+        match stmt {
+            Stmt::Item(item) => items.push(item.clone()),
+            Stmt::Expr(Expr::Block(b), _) => {
+                items.extend(b.block.stmts.iter().filter_map(|s| match s {
+                    Stmt::Item(item) => Some(item.clone()),
+                    _ => None,
+                }));
+            }
+            _ => {}
+        }
+    }
+    for item in &mut items {
+        if let Item::Fn(f) = item {
+            f.attrs.retain(|a| !a.path().is_ident("on"));
+        }
+    }
     quote! {
         #(#attrs)*
-        #vis fn #ident() {}
+        #[allow(dead_code)]
+        #vis fn #ident() {
+            #(#items)*
+        }
     }
 }
 
@@ -59,17 +81,17 @@ fn stub(func: &ItemFn) -> TokenStream {
 //   async fn main() -> R { shared; #[primary(cluster)] { .. } #[worker(worker)] { .. } tail }
 // Output:
 //   fn main() -> R {
+//       use ::cluster as __cluster;
 //       async fn __cluster_main(mut ctx: Context<P, ()>) -> R {
 //           shared;
 //           if let Some(cluster) = ctx.take_primary() { .. handlers' dispatch loop .. }
 //           if let Some(worker) = ctx.take_worker() { .. }
 //           tail
 //       }
-//       const _: () = assert_message::<P>();
 //       run::<P, (), _, _>(Config { workers: Workers::Count(4), .. }, __cluster_main)
 //   }
 fn generate(args: &MainArgs, model: model::Model) -> TokenStream {
-    let krate = Krate(args.krate.clone());
+    let (import, krate) = Krate(args.krate.clone()).import();
     let ctx = Ident::new("__cluster_ctx", Span::mixed_site());
     let inner = Ident::new("__cluster_main", Span::mixed_site());
     let unit = quote!(());
@@ -78,13 +100,6 @@ fn generate(args: &MainArgs, model: model::Model) -> TokenStream {
         .as_ref()
         .map_or(unit.clone(), |t| quote!(#t));
     let w_ty = args.to_worker.as_ref().map_or(unit, |t| quote!(#t));
-    let asserts = [&args.to_primary, &args.to_worker]
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            let check = krate.assert_message(t.span());
-            quote_spanned!(t.span()=> const _: () = #check::<#t>();)
-        });
 
     let mut body = Vec::new();
     for part in &model.parts {
@@ -110,11 +125,11 @@ fn generate(args: &MainArgs, model: model::Model) -> TokenStream {
     quote! {
         #(#attrs)*
         #vis fn #ident() #output {
+            #import
             #[allow(unused_mut, clippy::needless_return)]
             async fn #inner(mut #ctx: #context<#p_ty, #w_ty>) #output {
                 #(#body)*
             }
-            #(#asserts)*
             #run::<#p_ty, #w_ty, _, _>(#config, #inner)
         }
     }
@@ -154,21 +169,32 @@ fn branch(krate: &Krate, ctx: &Ident, b: &Branch, role: Role) -> TokenStream {
         None => quote!(_),
     };
     let stmts = &b.block.stmts;
-    let dispatch = if needs_name {
-        dispatch(krate, &binding, b)
-    } else {
-        quote!()
+    if !needs_name {
+        return quote! {
+            if let #option::Some(#binding) = #ctx.#take() {
+                #(#stmts)*
+            }
+        };
+    }
+    // The loop follows the user's statements in the same block, so the handlers stay in scope;
+    // a trailing expression (of type `()`, as the block's value is discarded) needs a `;` then.
+    let (last, init) = match stmts.split_last() {
+        Some((Stmt::Expr(e, None), init)) => (quote!(#e;), init),
+        _ => (quote!(), stmts.as_slice()),
     };
+    let dispatch = dispatch(krate, &binding, b);
     quote! {
         if let #option::Some(#binding) = #ctx.#take() {
-            #(#stmts)*
+            #(#init)*
+            #last
             #dispatch
         }
     }
 }
 
-/// The event loop that calls the `#[on(..)]` handlers; each call carries the handler's span,
-/// so a handler whose parameters do not fit its event is an error on the handler.
+/// The event loop that calls the `#[on(..)]` handlers. Each call carries the handler's span and
+/// each argument the span of the event's name in `#[on(..)]`, so a handler whose parameters do
+/// not fit its event is an error on the handler that points at the event.
 fn dispatch(krate: &Krate, primary: &TokenStream, b: &Branch) -> TokenStream {
     let event = krate.event();
     let output = krate.handler_output();
@@ -180,9 +206,10 @@ fn dispatch(krate: &Krate, primary: &TokenStream, b: &Branch) -> TokenStream {
             .iter()
             .map(|f| Ident::new(f, Span::call_site()))
             .collect();
+        let at_event = Span::mixed_site().located_at(h.event_span);
         let locals: Vec<Ident> = fields
             .iter()
-            .map(|f| Ident::new(&format!("__cluster_{f}"), Span::mixed_site()))
+            .map(|f| Ident::new(&format!("__cluster_{f}"), at_event))
             .collect();
         let f = &h.ident;
         let fname = f.to_string();

@@ -1,61 +1,117 @@
 //! Expansion of `#[cluster::message]`.
 
-use proc_macro2::TokenStream;
+use proc_macro2::{Delimiter, TokenStream, TokenTree};
 use quote::{quote, quote_spanned};
 use syn::visit_mut::VisitMut;
-use syn::{Error, Item};
+use syn::{Error, Ident, Item};
 
 use crate::args;
 use crate::paths::Krate;
 
 pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    match try_expand(args, item.clone()) {
-        Ok(ts) => ts,
+    let parsed: Item = match syn::parse2(item.clone()) {
+        Ok(i) => i,
         Err(e) => {
+            let e = e.to_compile_error();
+            return quote!(#e #item);
+        }
+    };
+    let (ident, generics) = match &parsed {
+        Item::Enum(e) => (&e.ident, &e.generics),
+        Item::Struct(s) => (&s.ident, &s.generics),
+        other => {
+            let e = Error::new_spanned(
+                head(other),
+                "`#[cluster::message]` goes on an `enum` or a `struct`; define the message as one",
+            )
+            .to_compile_error();
+            return quote!(#e #item);
+        }
+    };
+    match (args::parse_message(args), validate(generics)) {
+        (Ok(krate), Ok(())) => generate(&Krate(krate), ident, &parsed),
+        // Still derive, so the type's `#[serde(..)]` attributes and uses raise no errors of their
+        // own; but not with a `crate` path that failed to parse.
+        (Ok(krate), Err(e)) => {
+            let e = e.to_compile_error();
+            let derives = derives(&Krate(krate));
+            quote!(#e #derives #parsed)
+        }
+        (Err(e), checked) => {
+            let mut e = e;
+            if let Err(more) = checked {
+                e.combine(more);
+            }
             let e = e.to_compile_error();
             quote!(#e #item)
         }
     }
 }
 
+/// Whether a struct or enum with these generics can be a message.
+fn validate(generics: &syn::Generics) -> syn::Result<()> {
+    if !generics.params.is_empty() {
+        return Err(Error::new_spanned(
+            generics,
+            "a cluster message cannot be generic; define one concrete type per message",
+        ));
+    }
+    if let Some(clause) = &generics.where_clause {
+        return Err(Error::new_spanned(
+            clause,
+            "a cluster message cannot have a `where` clause; remove it",
+        ));
+    }
+    Ok(())
+}
+
+/// The tokens of an item before its body, as `pub fn name(..) -> T` or `union U`: the span
+/// of an error about the kind of item.
+fn head(item: &Item) -> TokenStream {
+    let mut out = TokenStream::new();
+    let mut tokens = quote!(#item).into_iter().peekable();
+    // Skip the outer attributes: `#` and its `[..]`.
+    while matches!(tokens.peek(), Some(TokenTree::Punct(p)) if p.as_char() == '#') {
+        tokens.next();
+        tokens.next();
+    }
+    for tt in tokens {
+        match &tt {
+            TokenTree::Group(g) if g.delimiter() == Delimiter::Brace => break,
+            TokenTree::Punct(p) if p.as_char() == ';' || p.as_char() == '=' => break,
+            _ => out.extend([tt]),
+        }
+    }
+    out
+}
+
 // Input:  #[cluster::message] enum ToPrimary { Ping(u32) }
 // Output: #[derive(Serialize, Deserialize)] #[serde(crate = "::cluster::__private::serde")]
 //         enum ToPrimary { Ping(u32) }
 //         impl ::cluster::__private::Message for ToPrimary { const FINGERPRINT: u64 = 0x..; }
-fn try_expand(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
-    let krate = Krate(args::parse_message(args)?);
-    let item: Item = syn::parse2(item)?;
-    let (ident, generics) = match &item {
-        Item::Enum(e) => (&e.ident, &e.generics),
-        Item::Struct(s) => (&s.ident, &s.generics),
-        other => {
-            return Err(Error::new_spanned(
-                other,
-                "`#[cluster::message]` goes on an `enum` or a `struct`",
-            ));
-        }
-    };
-    if !generics.params.is_empty() {
-        return Err(Error::new_spanned(
-            generics,
-            "a cluster message cannot be generic; define a concrete type for each message",
-        ));
-    }
-    let fingerprint = fingerprint(&item);
-    let serde = krate.serde();
-    let serde_str = krate.serde_string();
+fn generate(krate: &Krate, ident: &Ident, item: &Item) -> TokenStream {
+    let fingerprint = fingerprint(item);
+    let derives = derives(krate);
     let trait_path = krate.message_trait(ident.span());
     let impl_block = quote_spanned! {ident.span()=>
         impl #trait_path for #ident {
-            const FINGERPRINT: u64 = #fingerprint;
+            const FINGERPRINT: ::core::primitive::u64 = #fingerprint;
         }
     };
-    Ok(quote! {
-        #[derive(#serde::Serialize, #serde::Deserialize)]
-        #[serde(crate = #serde_str)]
+    quote! {
+        #derives
         #item
         #impl_block
-    })
+    }
+}
+
+fn derives(krate: &Krate) -> TokenStream {
+    let serde = krate.serde();
+    let serde_str = krate.serde_string();
+    quote! {
+        #[derive(#serde::Serialize, #serde::Deserialize)]
+        #[serde(crate = #serde_str)]
+    }
 }
 
 /// FNV-1a of the definition without its doc comments: editing docs keeps workers compatible,

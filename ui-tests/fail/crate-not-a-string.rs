@@ -1,0 +1,9 @@
+extern crate cluster as my_cluster;
+
+#[my_cluster::main(crate = my_cluster, workers = 1)]
+async fn main() {
+    #[primary]
+    {}
+    #[worker]
+    {}
+}

@@ -1,0 +1,7 @@
+#[cluster::main(crate = "my_cluster", workers = 1)]
+async fn main() {
+    #[primary]
+    {}
+    #[worker]
+    {}
+}

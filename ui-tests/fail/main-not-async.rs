@@ -1,0 +1,7 @@
+#[cluster::main(workers = 1)]
+fn main() {
+    #[primary]
+    {}
+    #[worker]
+    {}
+}

@@ -1,0 +1,6 @@
+#[cluster::message(crate = "my_cluster")]
+enum ToPrimary {
+    Hello,
+}
+
+fn main() {}

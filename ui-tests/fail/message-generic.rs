@@ -1,0 +1,6 @@
+#[cluster::message]
+struct Envelope<T> {
+    body: T,
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[cluster::message]
+fn hello() -> u32 {
+    1
+}
+
+fn main() {}

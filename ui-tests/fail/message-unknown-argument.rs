@@ -1,0 +1,6 @@
+#[cluster::message(serde = "::serde")]
+enum ToPrimary {
+    Hello,
+}
+
+fn main() {}

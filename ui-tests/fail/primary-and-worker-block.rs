@@ -1,0 +1,6 @@
+#[cluster::main(workers = 1)]
+async fn main() {
+    #[primary]
+    #[worker]
+    {}
+}

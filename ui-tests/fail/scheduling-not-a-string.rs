@@ -1,0 +1,7 @@
+#[cluster::main(workers = 1, scheduling = RoundRobin)]
+async fn main() {
+    #[primary]
+    {}
+    #[worker]
+    {}
+}

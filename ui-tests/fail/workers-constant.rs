@@ -1,0 +1,9 @@
+const WORKERS: usize = 4;
+
+#[cluster::main(workers = WORKERS)]
+async fn main() {
+    #[primary]
+    {}
+    #[worker]
+    {}
+}

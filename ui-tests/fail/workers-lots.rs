@@ -1,0 +1,7 @@
+#[cluster::main(workers = "lots")]
+async fn main() {
+    #[primary]
+    {}
+    #[worker]
+    {}
+}

@@ -1,0 +1,7 @@
+#[cluster::main(workers = "4")]
+async fn main() {
+    #[primary]
+    {}
+    #[worker]
+    {}
+}

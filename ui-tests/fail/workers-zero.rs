@@ -1,0 +1,7 @@
+#[cluster::main(workers = 0)]
+async fn main() {
+    #[primary]
+    {}
+    #[worker]
+    {}
+}
