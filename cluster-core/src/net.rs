@@ -223,11 +223,7 @@ impl TcpListener {
         let local = bound.socket_addr().unwrap_or(addr);
         let source = match grant {
             Grant::RoundRobin { server } => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                link.rr
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(server, tx);
+                let rx = link.take_handoff(server);
                 Source::Handoff(Handoff {
                     rx: tokio::sync::Mutex::new(rx),
                     server,
@@ -400,11 +396,7 @@ impl UnixListener {
         let (grant, _bound, fds, reg) = query(link, BindAddr::Unix(path.clone())).await?;
         let source = match grant {
             Grant::RoundRobin { server } => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                link.rr
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(server, tx);
+                let rx = link.take_handoff(server);
                 Source::Handoff(Handoff {
                     rx: tokio::sync::Mutex::new(rx),
                     server,
@@ -466,11 +458,10 @@ impl UnixListener {
 /// `axum::serve(listener, app)` on a cluster listener (cargo feature `axum`).
 ///
 /// As axum's own listeners do, `accept` never fails: connection errors are skipped, others
-/// (`EMFILE`, ...) are reported on stderr and retried after a second. Once the worker is
-/// disconnecting it never completes; pair it with
+/// (`EMFILE`, ...) are logged as a `tracing` error and retried after a second. Once the worker
+/// is disconnecting it never completes; pair it with
 /// `.with_graceful_shutdown(listener.closed())` so the server stops and the worker exits.
 #[cfg(feature = "axum")]
-#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl axum::serve::Listener for TcpListener {
     type Io = tokio::net::TcpStream;
     type Addr = SocketAddr;
@@ -486,7 +477,7 @@ impl axum::serve::Listener for TcpListener {
                             | io::ErrorKind::ConnectionAborted
                             | io::ErrorKind::ConnectionReset
                     ) {
-                        eprintln!("cluster: accept error on {}: {e}", self.local);
+                        tracing::error!(address = %self.local, error = %e, "accept error; retrying in 1s");
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     }
                 }

@@ -30,6 +30,9 @@ pub(crate) struct Link {
     queries: Mutex<HashMap<u32, oneshot::Sender<ServerAnswer>>>,
     /// Round-robin listeners: server id -> queue of connections handed over by the primary.
     pub(crate) rr: Mutex<HashMap<u32, mpsc::UnboundedSender<OwnedFd>>>,
+    /// Handoff queues created by the reader when a round-robin grant arrives, waiting for the
+    /// listener that asked: connections may follow the grant before that task runs again.
+    handoffs: Mutex<HashMap<u32, mpsc::UnboundedReceiver<OwnedFd>>>,
     /// Open listeners per address, for Node's per-worker listen index.
     pub(crate) indexes: Mutex<HashMap<BindAddr, Vec<u32>>>,
 }
@@ -68,6 +71,24 @@ impl Link {
         rx.await.map_err(|_| Error::closed(self.id))
     }
 
+    /// The queue of connections for round-robin server `server`, registered when its grant
+    /// arrived.
+    pub(crate) fn take_handoff(&self, server: u32) -> mpsc::UnboundedReceiver<OwnedFd> {
+        let found = self
+            .handoffs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&server);
+        found.unwrap_or_else(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.rr
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(server, tx);
+            rx
+        })
+    }
+
     pub(crate) fn is_disconnecting(&self) -> bool {
         self.disconnecting.load(Ordering::Relaxed)
     }
@@ -83,6 +104,10 @@ impl Link {
         // Listeners see this, stop accepting and unregister (their frames go before the close).
         self.closing.send_replace(true);
         self.rr.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.handoffs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let indexes: Vec<(BindAddr, u32)> = self
             .indexes
             .lock()
@@ -153,6 +178,7 @@ impl<P: Message, W: Message> Worker<P, W> {
             next_req: AtomicU32::new(0),
             queries: Mutex::new(HashMap::new()),
             rr: Mutex::new(HashMap::new()),
+            handoffs: Mutex::new(HashMap::new()),
             indexes: Mutex::new(HashMap::new()),
         });
         let _ = LINK.set(link.clone());
@@ -265,6 +291,19 @@ async fn read_primary<W: Message>(
                     link.begin_disconnect(false);
                 }
                 Control::ServerReply { req, result } => {
+                    // Register the handoff queue now, in stream order: `Conn` frames for this
+                    // server may come right behind the grant, before the listener's task runs.
+                    if let Ok((Grant::RoundRobin { server }, _)) = &result {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        link.rr
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(*server, tx);
+                        link.handoffs
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(*server, rx);
+                    }
                     let tx = link
                         .queries
                         .lock()

@@ -1,0 +1,160 @@
+//! Zero-downtime reload, counted: HTTP clients hammer `hello_http` (keep-alive and a new
+//! connection per request) while SIGHUP replaces every worker twice; not one request may fail.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Proc;
+use nix::sys::signal::Signal;
+
+#[derive(Default)]
+struct Counts {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    workers_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// One request on `conn` (opening one if needed); returns whether the server closes after it.
+fn request(
+    conn: &mut Option<BufReader<TcpStream>>,
+    port: u16,
+    counts: &Counts,
+) -> Result<(), String> {
+    if conn.is_none() {
+        let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        *conn = Some(BufReader::new(s));
+    }
+    let r = conn.as_mut().unwrap();
+    r.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut status = String::new();
+    r.read_line(&mut status)
+        .map_err(|e| format!("read status: {e}"))?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(format!("bad status line {status:?}"));
+    }
+    let (mut len, mut close, mut worker) = (0usize, false, String::new());
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)
+            .map_err(|e| format!("read header: {e}"))?;
+        let line = line.trim_end().to_ascii_lowercase();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("content-length:") {
+            len = v.trim().parse().map_err(|_| "bad length".to_owned())?;
+        } else if line == "connection: close" {
+            close = true;
+        } else if let Some(v) = line.strip_prefix("x-worker-id:") {
+            worker = v.trim().to_owned();
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)
+        .map_err(|e| format!("read body: {e}"))?;
+    if body != b"hello world\n" {
+        return Err(format!("bad body {body:?}"));
+    }
+    counts.ok.fetch_add(1, Ordering::Relaxed);
+    counts.workers_seen.lock().unwrap().insert(worker);
+    if close {
+        *conn = None;
+    }
+    Ok(())
+}
+
+fn client(port: u16, keep_alive: bool, stop: Arc<AtomicBool>, counts: Arc<Counts>) {
+    let mut conn = None;
+    while !stop.load(Ordering::Relaxed) {
+        if let Err(e) = request(&mut conn, port, &counts) {
+            eprintln!(
+                "{:?} request failed ({}): {e}",
+                std::time::SystemTime::now(),
+                if keep_alive {
+                    "keep-alive"
+                } else {
+                    "new connection"
+                }
+            );
+            counts.failed.fetch_add(1, Ordering::Relaxed);
+            conn = None;
+        }
+        if !keep_alive {
+            conn = None;
+        }
+    }
+}
+
+#[test]
+fn reload_under_load_fails_no_request() {
+    let port = 20000 + (std::process::id() % 5000) as u16;
+    let port_s = port.to_string();
+    let mut p = Proc::start(
+        "hello_http",
+        &[
+            ("PORT", port_s.as_str()),
+            ("CLUSTER_WORKERS", "2"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    p.expect_prefix("Primary");
+    p.expect_prefix("Worker");
+    p.expect_prefix("Worker");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(Counts::default());
+    let clients: Vec<_> = [true, true, false, false]
+        .into_iter()
+        .map(|keep_alive| {
+            let (stop, counts) = (stop.clone(), counts.clone());
+            std::thread::spawn(move || client(port, keep_alive, stop, counts))
+        })
+        .collect();
+
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..2 {
+        p.signal(Signal::SIGHUP);
+        // Each reload starts two replacements; wait for both, then for the reload to finish.
+        p.expect_prefix("Worker");
+        p.expect_prefix("Worker");
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "reload {round} took too long"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let ok = counts.ok.load(Ordering::Relaxed);
+    let failed = counts.failed.load(Ordering::Relaxed);
+    let seen = counts.workers_seen.lock().unwrap().clone();
+    eprintln!("reload under load: {ok} requests served, {failed} failed, worker ids seen {seen:?}");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during the reload",
+        ok + failed
+    );
+    assert!(ok > 100, "too few requests to mean anything: {ok}");
+    // Two reloads of two workers: ids 1..=6 served, the last ones only after a reload.
+    assert!(
+        seen.contains("5") || seen.contains("6"),
+        "no request reached a reloaded worker: {seen:?}"
+    );
+
+    p.signal(Signal::SIGTERM);
+    let status = p.wait_exit();
+    assert!(status.success(), "primary exit: {status:?}");
+}
