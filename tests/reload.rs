@@ -94,8 +94,22 @@ fn client(port: u16, keep_alive: bool, stop: Arc<AtomicBool>, counts: Arc<Counts
 }
 
 #[test]
-fn reload_under_load_fails_no_request() {
-    let port = 20000 + (std::process::id() % 5000) as u16;
+fn reload_under_load_fails_no_request_round_robin() {
+    reload_under_load("round-robin", 0);
+}
+
+#[test]
+fn reload_under_load_fails_no_request_shared() {
+    reload_under_load("shared", 1);
+}
+
+#[test]
+fn reload_under_load_fails_no_request_reuseport() {
+    reload_under_load("reuseport", 2);
+}
+
+fn reload_under_load(policy: &str, n: u16) {
+    let port = 20000 + (std::process::id() % 5000) as u16 * 3 + n;
     let port_s = port.to_string();
     let mut p = Proc::start(
         "hello_http",
@@ -140,7 +154,9 @@ fn reload_under_load_fails_no_request() {
     let ok = counts.ok.load(Ordering::Relaxed);
     let failed = counts.failed.load(Ordering::Relaxed);
     let seen = counts.workers_seen.lock().unwrap().clone();
-    eprintln!("reload under load: {ok} requests served, {failed} failed, worker ids seen {seen:?}");
+    eprintln!(
+        "reload under load ({policy}): {ok} requests served, {failed} failed, worker ids seen {seen:?}"
+    );
     assert_eq!(
         failed,
         0,

@@ -731,6 +731,9 @@ impl<P: Message, W: Message> Primary<P, W> {
                 "reload: starting a replacement"
             );
             let new = self.fork()?;
+            // Under `reuseport` the replacement shares the old worker's socket, so connections
+            // the kernel queued there are served, not reset when the old one leaves.
+            self.inner.servers.inherit_slot(new.id(), old.id());
             let ready = tokio::time::timeout(grace, async {
                 loop {
                     let st = new.state();
@@ -805,6 +808,9 @@ impl<P: Message, W: Message> Inner<P, W> {
             self.finish(w);
         }
         self.emit(Event::Disconnect { worker: w.clone() });
+        if finished {
+            self.release(w);
+        }
     }
 
     fn on_exit(&self, w: &WorkerRef<W>, status: ExitStatus) {
@@ -823,6 +829,9 @@ impl<P: Message, W: Message> Inner<P, W> {
             worker: w.clone(),
             status,
         });
+        if disconnected {
+            self.release(w);
+        }
     }
 
     /// Both disconnected and exited: the worker leaves the registry, before its last event.
@@ -833,6 +842,11 @@ impl<P: Message, W: Message> Inner<P, W> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&w.id());
+    }
+
+    /// After the worker's last event is queued: it no longer counts as live, so a
+    /// `next_event` that ends the stream once nobody is left cannot miss that event.
+    fn release(&self, _w: &WorkerRef<W>) {
         self.registry.live.send_modify(|n| *n = n.saturating_sub(1));
     }
 }

@@ -199,6 +199,15 @@ impl Servers {
         }
     }
 
+    /// Worker `new` replaces `old` (a reload): under `reuseport` it takes the same slot, and
+    /// both accept from the slot's socket until `old` leaves.
+    pub(crate) fn inherit_slot(&self, new: u32, old: u32) {
+        let mut st = self.lock();
+        if let Some(slot) = st.slots.get(&old).copied() {
+            st.slots.insert(new, slot);
+        }
+    }
+
     /// Worker `id` is gone: it leaves every key, its queued connections go to the others.
     pub(crate) fn worker_gone(self: &Arc<Self>, id: u32) {
         let keys: Vec<KeyId> = self
@@ -444,6 +453,7 @@ impl RoundRobin {
         for conn in conns {
             st.give(self.id, Arc::new(conn));
         }
+        st.uncork();
     }
 
     fn join(&self, id: u32, outbox: Arc<Outbox>) {
@@ -456,6 +466,7 @@ impl RoundRobin {
         for conn in waiting {
             st.give(self.id, conn);
         }
+        st.uncork();
     }
 
     fn leave(&self, id: u32) {
@@ -465,6 +476,7 @@ impl RoundRobin {
         for conn in orphans {
             st.give(self.id, conn);
         }
+        st.uncork();
     }
 
     fn accepted(&self, id: u32, n: usize) {
@@ -500,7 +512,15 @@ impl RoundRobin {
 }
 
 impl RrState {
-    /// Hands `conn` to the next member whose channel takes it; keeps it when none can.
+    /// Sends what `give` queued: each member's batch in one `sendmsg`, from this thread.
+    fn uncork(&self) {
+        for (_, outbox) in &self.members {
+            outbox.uncork();
+        }
+    }
+
+    /// Hands `conn` to the next member whose channel takes it; keeps it when none can. The
+    /// frame stays corked: call `uncork` after the batch.
     fn give(&mut self, server: u32, conn: Arc<OwnedFd>) {
         if self.stopped {
             return;
@@ -511,7 +531,7 @@ impl RrState {
             self.next = self.next.wrapping_add(1);
             let (id, outbox) = &self.members[i];
             if outbox
-                .send_shared(&Wire::<()>::Control(Control::Conn { server }), conn.clone())
+                .send_shared_corked(&Wire::<()>::Control(Control::Conn { server }), conn.clone())
                 .is_ok()
             {
                 self.inflight.entry(*id).or_default().push_back(conn);
