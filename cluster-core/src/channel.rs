@@ -48,6 +48,8 @@ struct OutState {
     /// The last frame of the back chunk, when it is an `Accepted` that later ones may join:
     /// (server, n, offset of the frame in the chunk).
     last_ack: Option<(u32, u32, usize)>,
+    /// A chunk is being written (by the writer task or inline): nobody else may write.
+    writing: bool,
     closing: bool,
     closed: bool,
 }
@@ -56,6 +58,7 @@ struct OutState {
 /// lock; one writer task sends whole chunks, so many small frames leave in one `sendmsg`.
 pub(crate) struct Outbox {
     state: Mutex<OutState>,
+    stream: Arc<UnixStream>,
     wake: Notify,
     done: watch::Sender<bool>,
     max_frame: usize,
@@ -74,17 +77,59 @@ impl Outbox {
             n,
             |c| c.extend(fds.into_iter().map(OutFd::Owned)),
             None,
+            Wake::Writer,
         )
     }
 
-    /// Like [`send`](Self::send) with one descriptor that the caller keeps too: no copy is
-    /// made; the outbox holds a reference until the descriptor has left in a `sendmsg`.
-    pub(crate) fn send_shared<T: Serialize + ?Sized>(
+    /// Queues `msg` with one descriptor that the caller keeps too: no copy is made; the
+    /// outbox holds a reference until the descriptor has left in a `sendmsg`. The frame waits
+    /// (corked) until [`uncork`](Self::uncork), so a batch leaves in one `sendmsg`.
+    pub(crate) fn send_shared_corked<T: Serialize + ?Sized>(
         &self,
         msg: &T,
         fd: Arc<OwnedFd>,
     ) -> Result<(), SendFail> {
-        self.push(msg, 1, |c| c.push(OutFd::Shared(fd)), None)
+        self.push(msg, 1, |c| c.push(OutFd::Shared(fd)), None, Wake::Cork)
+    }
+
+    /// Sends what is queued now, on the caller's thread, when no write is in progress; what
+    /// the socket does not take at once (or what waits behind a write in progress) is left to
+    /// the writer task, woken for it. Order is kept: only one writer at a time, oldest first.
+    pub(crate) fn uncork(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.chunks.is_empty() {
+            return;
+        }
+        if st.writing || st.closed {
+            drop(st);
+            self.wake.notify_one();
+            return;
+        }
+        let mut chunk = st.chunks.pop_front().expect("checked non-empty");
+        st.last_ack = None;
+        st.writing = true;
+        drop(st);
+        let res = write_now(&self.stream, &mut chunk);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.writing = false;
+        let wake = match res {
+            Ok(true) => {
+                recycle(&mut st, chunk.bytes);
+                !st.chunks.is_empty() || st.closing
+            }
+            // Not all of it left (or the socket failed): the writer task takes over, and
+            // meets the error itself if there is one.
+            Ok(false) | Err(_) => {
+                if !st.closed {
+                    st.chunks.push_front(chunk);
+                }
+                true
+            }
+        };
+        drop(st);
+        if wake {
+            self.wake.notify_one();
+        }
     }
 
     /// Queues `Accepted { server, n: 1 }`. When the last queued frame is an unsent `Accepted`
@@ -124,6 +169,7 @@ impl Outbox {
             0,
             |_| {},
             Some(server),
+            Wake::Writer,
         )
     }
 
@@ -135,6 +181,7 @@ impl Outbox {
         nfds: usize,
         add_fds: impl FnOnce(&mut Vec<OutFd>),
         ack: Option<u32>,
+        wake: Wake,
     ) -> Result<(), SendFail> {
         debug_assert!(nfds <= MAX_FDS_PER_FRAME);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,8 +226,10 @@ impl Outbox {
         add_fds(&mut chunk.fds);
         st.last_ack = ack.map(|s| (s, 1, at));
         drop(st);
-        if was_empty {
-            self.wake.notify_one();
+        match wake {
+            Wake::Writer if was_empty => self.wake.notify_one(),
+            Wake::Writer | Wake::Cork => {}
+            Wake::Inline => self.uncork(),
         }
         Ok(())
     }
@@ -217,8 +266,13 @@ impl Outbox {
 
     fn next_chunk(&self) -> Option<Result<Chunk, ()>> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.writing {
+            // Written inline right now; that writer wakes us when it is done.
+            return None;
+        }
         if let Some(c) = st.chunks.pop_front() {
             st.last_ack = None;
+            st.writing = true;
             return Some(Ok(c));
         }
         if st.closing {
@@ -228,14 +282,11 @@ impl Outbox {
         None
     }
 
-    fn recycle(&self, mut bytes: Vec<u8>) {
-        if bytes.capacity() <= 4 * CHUNK_BYTES {
-            bytes.clear();
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if st.spare.len() < 4 {
-                st.spare.push(bytes);
-            }
-        }
+    /// The writer task sent a whole chunk.
+    fn chunk_done(&self, bytes: Vec<u8>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.writing = false;
+        recycle(&mut st, bytes);
     }
 
     fn fail(&self) {
@@ -245,6 +296,56 @@ impl Outbox {
         st.chunks.clear();
         st.last_ack = None;
     }
+}
+
+/// Keeps a sent chunk's buffer for reuse.
+fn recycle(st: &mut OutState, mut bytes: Vec<u8>) {
+    if bytes.capacity() <= 4 * CHUNK_BYTES && st.spare.len() < 4 {
+        bytes.clear();
+        st.spare.push(bytes);
+    }
+}
+
+/// How a queued frame gets written.
+#[derive(Clone, Copy)]
+enum Wake {
+    /// By the writer task, woken when the queue was empty.
+    Writer,
+    /// Not yet: the caller calls [`Outbox::uncork`] after its batch.
+    Cork,
+    /// On the caller's thread now, if no write is in progress.
+    #[allow(dead_code)]
+    Inline,
+}
+
+/// Writes as much of `chunk` as the socket takes without waiting; what was written is removed
+/// from it (descriptors leave with the first byte). `Ok(true)` when all of it left.
+fn write_now(stream: &UnixStream, chunk: &mut Chunk) -> io::Result<bool> {
+    let mut raw = [0 as RawFd; MAX_FDS_PER_FRAME];
+    let nfds = chunk.fds.len();
+    for (r, f) in raw.iter_mut().zip(&chunk.fds) {
+        *r = f.raw();
+    }
+    let mut off = 0;
+    let mut res = Ok(());
+    while off < chunk.bytes.len() {
+        let fds = if off == 0 { &raw[..nfds] } else { &[][..] };
+        match stream.try_io(Interest::WRITABLE, || {
+            sys::send_with_fds(stream.as_fd(), &chunk.bytes[off..], fds)
+        }) {
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                res = Err(e);
+                break;
+            }
+        }
+    }
+    if off > 0 {
+        chunk.fds.clear();
+        chunk.bytes.drain(..off);
+    }
+    res.map(|()| chunk.bytes.is_empty())
 }
 
 /// A postcard flavor that appends to a borrowed buffer, so frames are encoded in place.
@@ -296,6 +397,7 @@ pub(crate) fn spawn_writer(stream: Arc<UnixStream>, max_frame: usize) -> Arc<Out
     let (done, _) = watch::channel(false);
     let outbox = Arc::new(Outbox {
         state: Mutex::new(OutState::default()),
+        stream: stream.clone(),
         wake: Notify::new(),
         done,
         max_frame,
@@ -309,7 +411,7 @@ pub(crate) fn spawn_writer(stream: Arc<UnixStream>, max_frame: usize) -> Arc<Out
                         ob.fail();
                         break;
                     }
-                    ob.recycle(chunk.bytes);
+                    ob.chunk_done(chunk.bytes);
                 }
                 Some(Err(())) => {
                     let _ = nix::sys::socket::shutdown(
@@ -327,9 +429,12 @@ pub(crate) fn spawn_writer(stream: Arc<UnixStream>, max_frame: usize) -> Arc<Out
 }
 
 async fn write_chunk(stream: &UnixStream, chunk: &Chunk) -> io::Result<()> {
-    let raw: Vec<RawFd> = chunk.fds.iter().map(OutFd::raw).collect();
+    let mut raw = [0 as RawFd; MAX_FDS_PER_FRAME];
+    for (r, f) in raw.iter_mut().zip(&chunk.fds) {
+        *r = f.raw();
+    }
     let mut off = 0;
-    let mut fds: &[RawFd] = &raw;
+    let mut fds: &[RawFd] = &raw[..chunk.fds.len()];
     while off < chunk.bytes.len() {
         let n = stream
             .async_io(Interest::WRITABLE, || {
@@ -561,7 +666,7 @@ mod tests {
         let out = spawn_writer(into_stream(a.into()).unwrap(), 1024);
         let (mut pr, pw) = std::io::pipe().unwrap();
         let kept = Arc::new(OwnedFd::from(pw));
-        out.send_shared(
+        out.send_shared_corked(
             &Wire::<()>::Control(Control::Conn { server: 1 }),
             kept.clone(),
         )

@@ -143,9 +143,12 @@ impl Config {
 ///
 /// A worker that exits without a disconnect (a crash, a panic, a signal, `exit(1)`) is replaced
 /// after a delay that doubles from `min_backoff` up to `max_backoff`, and starts again from
-/// `min_backoff` once a worker has stayed up for `reset_after`. When `crash_limit` workers fail
-/// within `crash_window`, the crash-loop guard stops the cluster: every worker is disconnected
-/// and the primary exits with code 1, its last line saying why with the workers' last error.
+/// `min_backoff` once a worker has stayed up for `reset_after`. When more workers fail within
+/// `crash_window` than `crash_limit` or the number of live workers (whichever is larger), the
+/// crash-loop guard stops the cluster: every worker is disconnected, the event stream ends, and
+/// the primary exits with code 1, its last line saying why with the workers' last error. (So a
+/// fault that takes down several workers at once, but is cured by restarting them, does not stop
+/// a big cluster; a fault that comes back after every restart does.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RespawnPolicy {
     /// First delay before a replacement (default 100 ms).
@@ -154,9 +157,10 @@ pub struct RespawnPolicy {
     pub max_backoff: Duration,
     /// Uptime after which a worker counts as healthy and the delay resets (default 10 s).
     pub reset_after: Duration,
-    /// Unplanned exits within `crash_window` that stop the cluster (default 10).
+    /// Unplanned exits within `crash_window` that stop the cluster, at least; the live worker
+    /// count plus one when that is larger (default 5).
     pub crash_limit: usize,
-    /// The window of the crash-loop guard (default 30 s).
+    /// The window of the crash-loop guard (default 60 s).
     pub crash_window: Duration,
 }
 
@@ -166,8 +170,8 @@ impl Default for RespawnPolicy {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
             reset_after: Duration::from_secs(10),
-            crash_limit: 10,
-            crash_window: Duration::from_secs(30),
+            crash_limit: 5,
+            crash_window: Duration::from_secs(60),
         }
     }
 }

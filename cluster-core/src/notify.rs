@@ -4,7 +4,8 @@ use std::os::fd::OwnedFd;
 use std::sync::{Mutex, OnceLock};
 
 static NOTIFY: OnceLock<Option<std::ffi::OsString>> = OnceLock::new();
-static INHERITED: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
+/// Sockets systemd handed over, and whether a key serves each right now.
+static INHERITED: Mutex<Vec<(OwnedFd, bool)>> = Mutex::new(Vec::new());
 
 /// Reads `NOTIFY_SOCKET`, `LISTEN_PID` and `LISTEN_FDS` in the primary and removes them from the
 /// environment, so workers neither notify nor claim the sockets.
@@ -35,14 +36,17 @@ pub(crate) unsafe fn take_from_env() {
         INHERITED
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend(fds);
+            .extend(fds.into_iter().map(|fd| (fd, false)));
     }
 }
 
-/// Takes the inherited socket whose address fits `want`, if systemd passed one.
+/// A copy of the inherited socket whose address fits `want`, if systemd passed one not in use.
 pub(crate) fn take_inherited(want: &crate::wire::BindAddr) -> Option<OwnedFd> {
     let mut list = INHERITED.lock().unwrap_or_else(|p| p.into_inner());
-    let i = list.iter().position(|fd| {
+    let (fd, in_use) = list.iter_mut().find(|(fd, in_use)| {
+        if *in_use {
+            return false;
+        }
         let Ok(have) = crate::servers::local_addr(fd, want) else {
             return false;
         };
@@ -56,7 +60,40 @@ pub(crate) fn take_inherited(want: &crate::wire::BindAddr) -> Option<OwnedFd> {
             _ => false,
         }
     })?;
-    Some(list.remove(i))
+    let copy = fd.try_clone().ok()?;
+    *in_use = true;
+    Some(copy)
+}
+
+/// The kernel's identity of a descriptor's open socket.
+fn identity(fd: &OwnedFd) -> Option<(u64, u64)> {
+    nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(fd))
+        .ok()
+        .map(|st| (st.st_dev as u64, st.st_ino as u64))
+}
+
+/// Whether `fd` is (a copy of) a socket systemd handed over.
+pub(crate) fn is_inherited(fd: &OwnedFd) -> bool {
+    let Some(id) = identity(fd) else { return false };
+    INHERITED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|(f, _)| identity(f) == Some(id))
+}
+
+/// No key serves this inherited socket any more; a later bind may take it again.
+pub(crate) fn release(fd: &OwnedFd) {
+    let Some(id) = identity(fd) else { return };
+    for (f, in_use) in INHERITED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter_mut()
+    {
+        if identity(f) == Some(id) {
+            *in_use = false;
+        }
+    }
 }
 
 fn send(state: &str) {

@@ -58,6 +58,8 @@ pub(crate) struct Inner<P, W> {
     events_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event<P, W>>>,
     closing: AtomicBool,
     respawn: Mutex<Option<RespawnState>>,
+    /// An exit owed once `main` returns: code and last line.
+    exit: Mutex<Option<(i32, String)>>,
     /// Workers of the configured count not forked yet: they start on first use of the handle,
     /// so the primary's own code (a banner, `setup_primary`) runs before any worker.
     pending: std::sync::atomic::AtomicUsize,
@@ -124,6 +126,7 @@ impl<P: Message, W: Message> Primary<P, W> {
                 events_rx: tokio::sync::Mutex::new(events_rx),
                 closing: AtomicBool::new(false),
                 respawn: Mutex::new(None),
+                exit: Mutex::new(None),
                 pending: std::sync::atomic::AtomicUsize::new(0),
                 respawns: AtomicU64::new(0),
                 exe,
@@ -224,11 +227,20 @@ impl<P: Message, W: Message> Primary<P, W> {
                 _ = int.recv() => me.shutdown(Duration::ZERO).await,
             };
             if !clean {
-                eprintln!(
-                    "cluster: shutdown did not finish within {}s; the remaining workers were killed",
-                    grace.as_secs()
+                me.set_exit(
+                    1,
+                    format!(
+                        "shutdown did not finish within {}s; the remaining workers were killed",
+                        grace.as_secs()
+                    ),
                 );
-                std::process::exit(1);
+                // `main` normally returns now that the event stream ended; if it does not,
+                // exit anyway.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if let Some((code, message)) = me.take_exit() {
+                    eprintln!("cluster: {message}");
+                    std::process::exit(code);
+                }
             }
         });
         Ok(())
@@ -504,6 +516,39 @@ impl<P: Message, W: Message> Primary<P, W> {
         self.wait_for_exits().await;
     }
 
+    /// Records the exit the process owes once `main` returns (see `run`).
+    fn set_exit(&self, code: i32, message: String) {
+        let mut e = self.inner.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_none() {
+            *e = Some((code, message));
+        }
+    }
+
+    /// The exit owed by a forced shutdown or a crash loop, if any.
+    pub(crate) fn take_exit(&self) -> Option<(i32, String)> {
+        self.inner
+            .exit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Stops the cluster for good: owes exit `code` with `message` as the last line, shuts
+    /// down, and lets the event stream end so `main` sees the last events and returns; if `main`
+    /// does not return soon after, exits anyway.
+    fn stop_with(&self, code: i32, message: String, grace: Duration) {
+        self.set_exit(code, message);
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.shutdown(grace).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if let Some((code, message)) = me.take_exit() {
+                eprintln!("cluster: {message}");
+                std::process::exit(code);
+            }
+        });
+    }
+
     /// Replaces workers that exit unplanned, with backoff and a crash-loop guard (see
     /// [`RespawnPolicy`]). Off by default, as in Node.
     pub fn set_respawn(&self, policy: Option<RespawnPolicy>) {
@@ -517,7 +562,10 @@ impl<P: Message, W: Message> Primary<P, W> {
 
     /// Applies the respawn policy after a worker's exit.
     fn after_exit(&self, w: &WorkerRef<W>, status: ExitStatus) {
-        if w.exited_after_disconnect() == Some(true) || self.inner.closing.load(Ordering::Relaxed) {
+        if w.exited_after_disconnect() == Some(true)
+            || w.shared.lock().probation
+            || self.inner.closing.load(Ordering::Relaxed)
+        {
             return;
         }
         let mut guard = self.inner.respawn.lock().unwrap_or_else(|p| p.into_inner());
@@ -532,7 +580,8 @@ impl<P: Message, W: Message> Primary<P, W> {
         {
             rs.crashes.pop_front();
         }
-        if rs.crashes.len() >= policy.crash_limit {
+        let limit = policy.crash_limit.max(self.inner.registry.len() + 1);
+        if rs.crashes.len() >= limit {
             let crashes = rs.crashes.len();
             *guard = None;
             drop(guard);
@@ -549,13 +598,7 @@ impl<P: Message, W: Message> Primary<P, W> {
                 worker: None,
                 error: Error::new(ErrorKind::CrashLoop, message.clone()),
             });
-            let me = self.clone();
-            tokio::spawn(async move {
-                me.shutdown(Duration::from_secs(10)).await;
-                crate::notify::stopping();
-                eprintln!("cluster: {message}");
-                std::process::exit(1);
-            });
+            self.stop_with(1, message, Duration::from_secs(10));
             return;
         }
         if w.uptime() >= policy.reset_after {
@@ -734,6 +777,9 @@ impl<P: Message, W: Message> Primary<P, W> {
             // Under `reuseport` the replacement shares the old worker's socket, so connections
             // the kernel queued there are served, not reset when the old one leaves.
             self.inner.servers.inherit_slot(new.id(), old.id());
+            // Until it is ready, a replacement that dies is the reload's failure to report, not
+            // a crash for the respawn policy (which would fork the broken build again).
+            new.shared.lock().probation = true;
             let ready = tokio::time::timeout(grace, async {
                 loop {
                     let st = new.state();
@@ -758,6 +804,7 @@ impl<P: Message, W: Message> Primary<P, W> {
                     ),
                 ));
             }
+            new.shared.lock().probation = false;
             tracing::info!(
                 worker.id = old.id(),
                 replacement = new.id(),
@@ -1118,6 +1165,8 @@ struct WState {
     exited_after_disconnect: Option<bool>,
     last_pong: Option<Instant>,
     last_error: Option<String>,
+    /// A reload's replacement not yet ready: never respawned.
+    probation: bool,
 }
 
 impl Default for WState {
@@ -1131,6 +1180,7 @@ impl Default for WState {
             exited_after_disconnect: None,
             last_pong: None,
             last_error: None,
+            probation: false,
         }
     }
 }

@@ -115,11 +115,18 @@ where
             let n = config.workers.resolve();
             let primary = Primary::<P, W>::new(config);
             primary.set_initial_workers(n);
-            main(Context {
+            let handle = primary.clone();
+            let out = main(Context {
                 primary: Some(primary),
                 worker: None,
             })
-            .await
+            .await;
+            // A crash loop or a forced shutdown owes a non-zero exit, its reason the last line.
+            if let Some((code, message)) = handle.take_exit() {
+                eprintln!("cluster: {message}");
+                std::process::exit(code);
+            }
+            out
         }),
         Role::Worker { id, channel } => {
             sys::set_parent_death_signal();

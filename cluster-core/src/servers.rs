@@ -254,8 +254,10 @@ fn slot_for(st: &mut State, id: u32) -> usize {
 }
 
 fn close_key(k: Key) {
-    if let KeyKind::RoundRobin(rr) = &k.kind {
-        rr.stop();
+    match &k.kind {
+        KeyKind::RoundRobin(rr) => rr.stop(),
+        KeyKind::Shared(fd) => crate::notify::release(fd),
+        KeyKind::ReusePort(_) => {}
     }
     if let BindAddr::Unix(path) = &k.bound {
         let _ = std::fs::remove_file(path);
@@ -502,10 +504,16 @@ impl RoundRobin {
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            let _ = nix::sys::socket::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                nix::sys::socket::Shutdown::Both,
-            );
+            if crate::notify::is_inherited(&fd) {
+                // A socket systemd handed us keeps listening (its queue holds connections for
+                // the next worker); it only goes back to the pool.
+                crate::notify::release(&fd);
+            } else {
+                let _ = nix::sys::socket::shutdown(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    nix::sys::socket::Shutdown::Both,
+                );
+            }
         }
         self.stop.notify_one();
     }

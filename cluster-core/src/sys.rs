@@ -210,6 +210,14 @@ pub fn adopt_listen_fds(n: i32) -> Vec<OwnedFd> {
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
     (3..3 + n)
         .filter(|fd| fcntl(*fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_ok())
+        // systemd passes blocking sockets by default; the primary's accept loop needs them
+        // non-blocking (the flag is the socket's, so workers that get it agree).
+        .filter(|fd| {
+            let flags = fcntl(*fd, FcntlArg::F_GETFL).unwrap_or(0);
+            let flags =
+                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            fcntl(*fd, FcntlArg::F_SETFL(flags)).is_ok()
+        })
         .map(|fd| {
             // SAFETY: `LISTEN_PID` names this process, so systemd handed it descriptors 3 to
             // 3 + n - 1 (checked open above); the primary takes them before any other code runs.
