@@ -19,6 +19,7 @@ use axum::middleware::map_response;
 use axum::response::Response;
 use axum::routing::get;
 use cluster::{Event, RespawnPolicy};
+use tracing_subscriber::EnvFilter;
 
 /// `GET /`: says which worker answered.
 async fn hello(State(worker): State<u32>) -> String {
@@ -45,6 +46,13 @@ fn app(worker: u32) -> Router {
 
 #[cluster::main(workers = "auto")]
 async fn main() -> anyhow::Result<()> {
+    // The cluster's lifecycle (and axum's accept errors) on stderr; `RUST_LOG=info` shows
+    // every step.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let port: u16 = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())
