@@ -303,6 +303,7 @@ pub(crate) fn bind(addr: &BindAddr, reuseport: bool) -> io::Result<(OwnedFd, Bin
         ),
         BindAddr::Unix(_) => (AddressFamily::Unix, SockType::Stream),
     };
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
     let fd = socket(
         family,
         ty,
@@ -310,6 +311,12 @@ pub(crate) fn bind(addr: &BindAddr, reuseport: bool) -> io::Result<(OwnedFd, Bin
         None,
     )
     .map_err(io::Error::from)?;
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    let fd = {
+        let fd = socket(family, ty, SockFlag::empty(), None).map_err(io::Error::from)?;
+        sys::set_cloexec_nonblock(&fd, true);
+        fd
+    };
     let sa = |e: nix::Error| io::Error::from(e);
     match addr {
         BindAddr::Tcp(a) | BindAddr::Udp(a) => {

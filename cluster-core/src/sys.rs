@@ -18,7 +18,11 @@ const EXE_FD: RawFd = 4;
 /// Sends `bytes` with `fds` attached (at most [`MAX_FDS_PER_FRAME`]); returns the bytes written.
 pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let iov = [IoSlice::new(bytes)];
+    // Rust programs ignore SIGPIPE already; MSG_NOSIGNAL also covers hosts that changed that.
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    let flags = MsgFlags::MSG_DONTWAIT;
     let n = if fds.is_empty() {
         sendmsg::<()>(sock.as_raw_fd(), &iov, &[], flags, None)
     } else {
@@ -42,7 +46,10 @@ pub fn recv_with_fds(
 ) -> io::Result<usize> {
     let mut cmsg = cmsg_space!([RawFd; MAX_FDS_PER_FRAME]);
     let mut iov = [IoSliceMut::new(buf)];
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    let flags = MsgFlags::MSG_DONTWAIT;
     let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags)
         .map_err(io::Error::from)?;
     let n = msg.bytes;
@@ -52,7 +59,15 @@ pub fn recv_with_fds(
             for fd in raw {
                 // SAFETY: the kernel has just installed `fd` in our table for this message; no
                 // other code knows the number, so this is its one owner.
-                fds.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                // Without MSG_CMSG_CLOEXEC the flag is set right after (no fork happens here).
+                #[cfg(not(any(
+                    target_os = "linux",
+                    target_os = "android",
+                    target_os = "freebsd"
+                )))]
+                set_cloexec_nonblock(&fd, false);
+                fds.push_back(fd);
             }
         }
     }
@@ -186,6 +201,7 @@ pub fn set_parent_death_signal() {
 pub fn set_parent_death_signal() {}
 
 /// Accepts one connection without registering it anywhere: the primary only passes it on.
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
 pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     use nix::sys::socket::{SockFlag, accept4};
     let fd = accept4(
@@ -195,6 +211,28 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     .map_err(io::Error::from)?;
     // SAFETY: `accept4` just returned this new descriptor; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Accepts one connection without registering it anywhere: the primary only passes it on.
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let fd = nix::sys::socket::accept(listener.as_raw_fd()).map_err(io::Error::from)?;
+    // SAFETY: `accept` just returned this new descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec_nonblock(&fd, true);
+    Ok(fd)
+}
+
+/// Sets close-on-exec (and non-blocking) where the platform cannot ask for it atomically.
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+pub fn set_cloexec_nonblock(fd: &OwnedFd, nonblock: bool) {
+    use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+    let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    if nonblock {
+        let flags =
+            OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).unwrap_or(0));
+        let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK));
+    }
 }
 
 /// Registers a listening socket with tokio's reactor for readiness only.
