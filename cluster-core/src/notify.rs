@@ -66,7 +66,10 @@ pub(crate) fn take_inherited(want: &crate::wire::BindAddr) -> Option<OwnedFd> {
 }
 
 /// The kernel's identity of a descriptor's open socket.
-#[allow(clippy::unnecessary_cast, reason = "`st_dev` is not `u64` on every Unix")]
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "`st_dev` is not `u64` on every Unix"
+)]
 fn identity(fd: &OwnedFd) -> Option<(u64, u64)> {
     nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(fd))
         .ok()

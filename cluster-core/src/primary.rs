@@ -222,18 +222,13 @@ impl<P: Message, W: Message> Primary<P, W> {
                     }
                 }
             }
+            // The exit is owed before the stragglers are killed: once they are gone the event
+            // stream ends and `main` returns, and `run` must find it then.
             let clean = tokio::select! {
-                clean = me.shutdown(grace) => clean,
-                _ = int.recv() => me.shutdown(Duration::ZERO).await,
+                clean = me.shutdown_owing(grace, true) => clean,
+                _ = int.recv() => me.shutdown_owing(Duration::ZERO, true).await,
             };
             if !clean {
-                me.set_exit(
-                    1,
-                    format!(
-                        "shutdown did not finish within {}s; the remaining workers were killed",
-                        grace.as_secs()
-                    ),
-                );
                 // `main` normally returns now that the event stream ended; if it does not,
                 // exit anyway.
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -729,6 +724,12 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// in-flight work finishes), waits up to `grace` for all to exit, then SIGKILLs the
     /// stragglers. Returns `true` when every worker left within `grace`.
     pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.shutdown_owing(grace, false).await
+    }
+
+    /// [`shutdown`](Self::shutdown); with `owe_exit`, stragglers make the process owe exit 1,
+    /// recorded before they are killed.
+    async fn shutdown_owing(&self, grace: Duration, owe_exit: bool) -> bool {
         crate::notify::stopping();
         self.inner.pending.store(0, Ordering::Relaxed);
         self.inner.closing.store(true, Ordering::Relaxed);
@@ -744,6 +745,14 @@ impl<P: Message, W: Message> Primary<P, W> {
             .values()
             .cloned()
             .collect();
+        if owe_exit {
+            self.set_exit(
+                1,
+                format!(
+                    "shutdown did not finish within {grace:?}; the remaining workers were killed"
+                ),
+            );
+        }
         for w in stragglers {
             let _ = w.kill_with(nix::sys::signal::Signal::SIGKILL);
         }

@@ -197,7 +197,16 @@ impl Outcome for std::process::ExitCode {
 
 impl<T, E: std::fmt::Debug> Outcome for Result<T, E> {
     fn failure(&self) -> Option<String> {
-        self.as_ref().err().map(|e| format!("{e:?}"))
+        // What `Termination` prints for an error, less a backtrace (anyhow adds one under
+        // `RUST_BACKTRACE`): the reason travels on one line to the primary.
+        self.as_ref().err().map(|e| {
+            let text = format!("{e:?}");
+            let text = text
+                .split("\n\nStack backtrace:")
+                .next()
+                .unwrap_or_default();
+            text.trim_end().to_owned()
+        })
     }
 }
 
