@@ -343,3 +343,26 @@ fn a_worker_panic_is_reported_as_its_last_error() {
     });
     wait_gone(pid);
 }
+
+#[test]
+fn the_api_sets_the_worker_count() {
+    let mut p = fixture("1");
+    let pid = online(&mut p, 1);
+    p.send("scale 3");
+    p.seen_or_wait("scaled up", |l| l == "scaled forked=2");
+    let pids = vec![pid, online(&mut p, 2), online(&mut p, 3)];
+    let _guard = KillOnDrop(pids.clone());
+    p.send("scale 1");
+    p.seen_or_wait("scaled down", |l| l == "scaled forked=0");
+    // The newest leave gracefully; the oldest stays.
+    p.seen_or_wait("exit 3", |l| {
+        l.starts_with("event exit id=3 status=0 dead=true ead=Some(true)")
+    });
+    p.seen_or_wait("exit 2", |l| {
+        l.starts_with("event exit id=2 status=0 dead=true ead=Some(true)")
+    });
+    p.send("workers");
+    p.wait_for("workers", |l| l.starts_with("workers 1:"));
+    wait_gone(pids[1]);
+    wait_gone(pids[2]);
+}

@@ -25,7 +25,9 @@
 #![deny(missing_docs)]
 
 #[cfg(not(unix))]
-compile_error!("cluster supports Unix only (Linux first-class, macOS builds); Windows is out of scope");
+compile_error!(
+    "cluster supports Unix only (Linux first-class, macOS builds); Windows is out of scope"
+);
 
 mod channel;
 mod config;

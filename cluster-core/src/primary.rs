@@ -687,6 +687,28 @@ impl<P: Message, W: Message> Primary<P, W> {
         });
     }
 
+    /// Sets the number of workers: forks the missing ones, or gracefully disconnects the newest
+    /// until `n` remain (what SIGTTIN and SIGTTOU do one at a time). Returns the workers forked.
+    pub fn scale_to(&self, n: usize) -> Result<Vec<WorkerRef<W>>, Error> {
+        self.ensure_started();
+        let live: Vec<WorkerRef<W>> = self
+            .workers()
+            .into_iter()
+            .filter(|w| w.is_connected())
+            .collect();
+        let mut forked = Vec::new();
+        if live.len() < n {
+            for _ in live.len()..n {
+                forked.push(self.fork()?);
+            }
+        } else {
+            for w in live.iter().rev().take(live.len() - n) {
+                w.disconnect();
+            }
+        }
+        Ok(forked)
+    }
+
     /// A snapshot of the cluster: every live worker's pid, state, uptime, connections and
     /// messages, and how many workers the respawn policy replaced.
     pub fn stats(&self) -> Stats {
