@@ -64,10 +64,90 @@ pub use cluster_core::{
 
 /// Turns `async fn main` into a cluster: a primary that forks workers, and the workers.
 ///
-/// See the crate documentation and the README for the arguments.
+/// The body holds exactly one `#[primary(name)] { .. }` block, run only in the primary with
+/// `name` bound to its [`Primary`] handle, and one `#[worker(name)] { .. }` block, run only in
+/// workers with `name` bound to the worker's own [`Worker`] handle (`#[primary]` / `#[worker]`
+/// without a name when the handle is not needed). Code before and after them runs in every
+/// process. `#[on(event)] async fn ..` items in the primary block are event handlers: each takes
+/// `&Primary` and the fields of its [`Event`] variant (`fork`, `online`, `listening`,
+/// `disconnect`, `exit`, `message`, `error`, `setup`), and the macro appends the loop that calls
+/// them.
+///
+/// # Arguments
+///
+/// | argument | default | accepted values | errors |
+/// |---|---|---|---|
+/// | `workers` | `"auto"` | `"auto"` (one per CPU, cgroup quota honoured) or an integer >= 1; `CLUSTER_WORKERS` overrides it at run time | `workers = 0`, `workers = "lots"`, `workers = "4"` (a string), a non-literal |
+/// | `scheduling` | `"round-robin"` | `"round-robin"`, `"shared"`, `"reuseport"`; `CLUSTER_SCHED_POLICY` overrides it | any other string, a non-string |
+/// | `messages(to_primary = T, to_worker = U)` | `()` for both | types with `#[cluster::message]` (each direction optional) | a type without `#[cluster::message]`, an unknown direction, not a list |
+/// | `crate` | `"::cluster"` | the path of a renamed `cluster` dependency, as a string | not a string, a path that does not resolve |
+///
+/// An unknown or repeated argument is an error naming the accepted ones. The function must be
+/// `async`, take no parameters and have no generics; a missing or repeated branch is an error on
+/// `main`'s name or on the repeated attribute.
+///
+/// # Example
+///
+/// ```no_run
+/// #[cluster::message]
+/// enum ToPrimary {
+///     Ready,
+/// }
+///
+/// #[cluster::main(workers = 2, messages(to_primary = ToPrimary))]
+/// async fn main() {
+///     #[primary(cluster)]
+///     {
+///         while let Some(event) = cluster.next_event().await {
+///             println!("{}", event.name());
+///         }
+///     }
+///     #[worker(worker)]
+///     {
+///         worker.send(&ToPrimary::Ready).unwrap();
+///     }
+/// }
+/// ```
+///
+/// # Equivalent code without `#[cluster::main]`
+///
+/// ```no_run
+/// # #[cluster::message]
+/// # enum ToPrimary { Ready }
+/// fn main() {
+///     let config = cluster::Config { workers: cluster::Workers::Count(2), ..Default::default() };
+///     cluster::run::<ToPrimary, (), _, _>(config, |mut ctx| async move {
+///         if let Some(cluster) = ctx.take_primary() {
+///             while let Some(event) = cluster.next_event().await {
+///                 println!("{}", event.name());
+///             }
+///         }
+///         if let Some(worker) = ctx.take_worker() {
+///             worker.send(&ToPrimary::Ready).unwrap();
+///         }
+///     })
+/// }
+/// ```
 pub use cluster_macros::main;
 
 /// Makes a type a cluster message: serde derives plus a fingerprint of its definition.
+///
+/// Goes on an `enum` or a `struct` without generic parameters. It adds
+/// `Serialize`/`Deserialize` (through this crate, so the user needs no serde dependency) and
+/// implements [`Message`] with a fingerprint of the definition (doc comments excluded), which the
+/// handshake compares so that a worker built with other message types is refused. The only
+/// argument is `crate = "path"`, for a renamed dependency. The type must be `Send + 'static`.
+///
+/// ```
+/// #[cluster::message]
+/// #[derive(Debug, PartialEq)]
+/// enum ToWorker {
+///     Ping(u32),
+///     Shutdown { grace_ms: u64 },
+/// }
+/// # use cluster::Message;
+/// assert_ne!(ToWorker::FINGERPRINT, 0);
+/// ```
 pub use cluster_macros::message;
 
 /// Listeners whose ports are shared by every worker.
