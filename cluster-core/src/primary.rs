@@ -85,6 +85,16 @@ pub(crate) struct Registry<W> {
 }
 
 impl<W> Registry<W> {
+    /// Every worker not yet both disconnected and exited, including those already out of `map`.
+    fn alive(&self) -> Vec<WorkerRef<W>> {
+        self.alive
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -636,15 +646,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             loop {
                 tick.tick().await;
                 seq += 1;
-                let alive: Vec<WorkerRef<W>> = me
-                    .inner
-                    .registry
-                    .alive
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .values()
-                    .cloned()
-                    .collect();
+                let alive: Vec<WorkerRef<W>> = me.inner.registry.alive();
                 for w in alive {
                     let (state, connected, last) = {
                         let st = w.shared.lock();
@@ -712,15 +714,7 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// A snapshot of the cluster: every live worker's pid, state, uptime, connections and
     /// messages, and how many workers the respawn policy replaced.
     pub fn stats(&self) -> Stats {
-        let alive: Vec<WorkerRef<W>> = self
-            .inner
-            .registry
-            .alive
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let alive: Vec<WorkerRef<W>> = self.inner.registry.alive();
         Stats {
             workers: alive
                 .iter()
@@ -758,15 +752,7 @@ impl<P: Message, W: Message> Primary<P, W> {
         if tokio::time::timeout(grace, self.disconnect()).await.is_ok() {
             return true;
         }
-        let stragglers: Vec<WorkerRef<W>> = self
-            .inner
-            .registry
-            .alive
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let stragglers: Vec<WorkerRef<W>> = self.inner.registry.alive();
         if owe_exit {
             self.set_exit(
                 1,
