@@ -19,6 +19,11 @@ use crate::wire::{Control, Wire};
 /// Bytes after which the writer starts a new chunk, so one `sendmsg` stays a sensible size.
 const CHUNK_BYTES: usize = 256 * 1024;
 
+/// A frame that finds the outbox idle within this time of the last such frame is part of a
+/// burst: it waits for the writer task, so the burst leaves in few `sendmsg`s instead of one
+/// each.
+const BURST_GAP: std::time::Duration = std::time::Duration::from_micros(5);
+
 /// A descriptor waiting in the outbox: owned (closed once sent), or shared with someone who
 /// keeps it after the send (the round-robin dispatcher, until the worker acknowledges).
 pub(crate) enum OutFd {
@@ -48,6 +53,8 @@ struct OutState {
     /// The last frame of the back chunk, when it is an `Accepted` that later ones may join:
     /// (server, n, offset of the frame in the chunk).
     last_ack: Option<(u32, u32, usize)>,
+    /// When a frame last found the outbox idle (see [`BURST_GAP`]).
+    last_idle: Option<std::time::Instant>,
     /// A chunk is being written (by the writer task or inline): nobody else may write.
     writing: bool,
     closing: bool,
@@ -55,7 +62,10 @@ struct OutState {
 }
 
 /// The sending half: any task encodes frames straight into the pending chunk under one short
-/// lock; one writer task sends whole chunks, so many small frames leave in one `sendmsg`.
+/// lock; one writer task sends whole chunks, so many small frames leave in one `sendmsg`. A
+/// frame that finds the outbox idle (nothing queued, nothing being written, no frame in the
+/// last few microseconds) is written at once on the caller's thread instead, which saves the
+/// writer task's wake-up on a lone message (a request, a reply, a ping).
 pub(crate) struct Outbox {
     state: Mutex<OutState>,
     stream: Arc<UnixStream>,
@@ -65,7 +75,8 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    /// Encodes `msg` as one frame carrying `fds`, queued behind earlier frames.
+    /// Encodes `msg` as one frame carrying `fds`, behind earlier frames: written at once when
+    /// the outbox is idle, else queued for the writer task.
     pub(crate) fn send<T: Serialize + ?Sized>(
         &self,
         msg: &T,
@@ -77,25 +88,25 @@ impl Outbox {
             n,
             |c| c.extend(fds.into_iter().map(OutFd::Owned)),
             None,
-            Wake::Writer,
+            Wake::Inline,
         )
     }
 
     /// Queues `msg` with one descriptor that the caller keeps too: no copy is made; the
-    /// outbox holds a reference until the descriptor has left in a `sendmsg`. The frame waits
-    /// (corked) until [`uncork`](Self::uncork), so a batch leaves in one `sendmsg`.
-    pub(crate) fn send_shared_corked<T: Serialize + ?Sized>(
+    /// outbox holds a reference until the descriptor has left in a `sendmsg`. Always written
+    /// by the writer task, so descriptors handed out in a burst leave in few `sendmsg`s.
+    pub(crate) fn send_shared<T: Serialize + ?Sized>(
         &self,
         msg: &T,
         fd: Arc<OwnedFd>,
     ) -> Result<(), SendFail> {
-        self.push(msg, 1, |c| c.push(OutFd::Shared(fd)), None, Wake::Cork)
+        self.push(msg, 1, |c| c.push(OutFd::Shared(fd)), None, Wake::Writer)
     }
 
-    /// Sends what is queued now, on the caller's thread, when no write is in progress; what
+    /// Writes what is queued now, on the caller's thread, unless a write is in progress; what
     /// the socket does not take at once (or what waits behind a write in progress) is left to
-    /// the writer task, woken for it. Order is kept: only one writer at a time, oldest first.
-    pub(crate) fn uncork(&self) {
+    /// the writer task, woken for it. Order is kept: one writer at a time, oldest chunk first.
+    fn write_inline(&self) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.chunks.is_empty() {
             return;
@@ -191,6 +202,16 @@ impl Outbox {
         // Set again below once this frame is in; cleared on every error path.
         st.last_ack = None;
         let was_empty = st.chunks.is_empty();
+        // Only a frame that finds the outbox idle may go inline; the clock is read for those
+        // alone, so a burst pays for it once, not per frame.
+        let quiet = matches!(wake, Wake::Inline) && was_empty && !st.writing && {
+            let now = std::time::Instant::now();
+            let quiet = st
+                .last_idle
+                .is_none_or(|t| now.duration_since(t) >= BURST_GAP);
+            st.last_idle = Some(now);
+            quiet
+        };
         let need_new = match st.chunks.back() {
             Some(c) => c.fds.len() + nfds > MAX_FDS_PER_FRAME || c.bytes.len() >= CHUNK_BYTES,
             None => true,
@@ -228,8 +249,10 @@ impl Outbox {
         drop(st);
         match wake {
             Wake::Writer if was_empty => self.wake.notify_one(),
-            Wake::Writer | Wake::Cork => {}
-            Wake::Inline => self.uncork(),
+            Wake::Writer => {}
+            Wake::Inline if quiet => self.write_inline(),
+            Wake::Inline if was_empty => self.wake.notify_one(),
+            Wake::Inline => {}
         }
         Ok(())
     }
@@ -311,10 +334,7 @@ fn recycle(st: &mut OutState, mut bytes: Vec<u8>) {
 enum Wake {
     /// By the writer task, woken when the queue was empty.
     Writer,
-    /// Not yet: the caller calls [`Outbox::uncork`] after its batch.
-    Cork,
-    /// On the caller's thread now, if no write is in progress.
-    #[allow(dead_code)]
+    /// On the caller's thread now, when the outbox is idle and this is no burst.
     Inline,
 }
 
@@ -666,7 +686,7 @@ mod tests {
         let out = spawn_writer(into_stream(a.into()).unwrap(), 1024);
         let (mut pr, pw) = std::io::pipe().unwrap();
         let kept = Arc::new(OwnedFd::from(pw));
-        out.send_shared_corked(
+        out.send_shared(
             &Wire::<()>::Control(Control::Conn { server: 1 }),
             kept.clone(),
         )
@@ -690,6 +710,56 @@ mod tests {
         let mut s = String::new();
         pr.read_to_string(&mut s).unwrap();
         assert_eq!(s, "sent kept");
+    }
+
+    /// Sends spaced out so each may go inline while a slow reader lets the socket fill: inline
+    /// writes stop part-way, the writer task takes over, and the stream stays whole and in order.
+    #[test]
+    fn inline_writes_that_fill_the_socket_hand_over_in_order() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let out = rt.block_on(async {
+            let out = spawn_writer(into_stream(a.into()).unwrap(), 1 << 20);
+            // Let the reactor see the socket writable, so inline writes are possible at all.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            out
+        });
+        const N: u32 = 100;
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let mut d = crate::frame::Decoder::new(1 << 20);
+            let mut next = 0u32;
+            loop {
+                while let Some((_, payload)) = d.next_frame().unwrap() {
+                    let Wire::User { msg, .. } =
+                        postcard::from_bytes::<Wire<Vec<u8>>>(payload).unwrap()
+                    else {
+                        panic!("unexpected frame");
+                    };
+                    assert_eq!(msg.len(), 50_000 + next as usize);
+                    assert!(msg.iter().all(|x| *x == next as u8), "frame {next} garbled");
+                    next += 1;
+                }
+                let n = b.read(d.spare()).unwrap();
+                if n == 0 {
+                    return next;
+                }
+                d.filled(n);
+            }
+        });
+        for i in 0..N {
+            let msg = vec![i as u8; 50_000 + i as usize];
+            out.send(&Wire::User { msg, handle: false }, vec![])
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        out.close();
+        rt.block_on(out.finished());
+        assert_eq!(reader.join().unwrap(), N);
     }
 
     #[tokio::test]

@@ -157,6 +157,13 @@ fn announce(link: &Link, bound: &BindAddr) {
     );
 }
 
+/// Whether a handed-over connection is already non-blocking (as tokio needs it).
+fn is_nonblocking(fd: &OwnedFd) -> bool {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), FcntlArg::F_GETFL)
+        .is_ok_and(|f| OFlag::from_bits_truncate(f).contains(OFlag::O_NONBLOCK))
+}
+
 fn closed() -> io::Error {
     io::Error::new(
         io::ErrorKind::NotConnected,
@@ -289,8 +296,10 @@ impl TcpListener {
                         // acknowledges a whole run of connections.
                         let _ = reg.link.outbox.send_accepted(h.server);
                     }
+                    // Already non-blocking: the primary accepts with `SOCK_NONBLOCK`, and the
+                    // flag lives on the open file, which descriptor passing shares.
+                    debug_assert!(is_nonblocking(&fd));
                     let std = std::net::TcpStream::from(fd);
-                    std.set_nonblocking(true)?;
                     let peer = std.peer_addr().unwrap_or(self.local);
                     Ok((tokio::net::TcpStream::from_std(std)?, peer))
                 }
@@ -439,8 +448,9 @@ impl UnixListener {
                         // acknowledges a whole run of connections.
                         let _ = reg.link.outbox.send_accepted(h.server);
                     }
+                    // Already non-blocking (see `TcpListener::next`).
+                    debug_assert!(is_nonblocking(&fd));
                     let std = std::os::unix::net::UnixStream::from(fd);
-                    std.set_nonblocking(true)?;
                     tokio::net::UnixStream::from_std(std)
                 }
             }

@@ -462,7 +462,6 @@ impl RoundRobin {
         for conn in conns {
             st.give(self.id, Arc::new(conn));
         }
-        st.uncork();
     }
 
     fn join(&self, id: u32, outbox: Arc<Outbox>) {
@@ -475,7 +474,6 @@ impl RoundRobin {
         for conn in waiting {
             st.give(self.id, conn);
         }
-        st.uncork();
     }
 
     fn leave(&self, id: u32) {
@@ -485,7 +483,6 @@ impl RoundRobin {
         for conn in orphans {
             st.give(self.id, conn);
         }
-        st.uncork();
     }
 
     fn accepted(&self, id: u32, n: usize) {
@@ -527,15 +524,7 @@ impl RoundRobin {
 }
 
 impl RrState {
-    /// Sends what `give` queued: each member's batch in one `sendmsg`, from this thread.
-    fn uncork(&self) {
-        for (_, outbox) in &self.members {
-            outbox.uncork();
-        }
-    }
-
-    /// Hands `conn` to the next member whose channel takes it; keeps it when none can. The
-    /// frame stays corked: call `uncork` after the batch.
+    /// Hands `conn` to the next member whose channel takes it; keeps it when none can.
     fn give(&mut self, server: u32, conn: Arc<OwnedFd>) {
         if self.stopped {
             return;
@@ -546,7 +535,7 @@ impl RrState {
             self.next = self.next.wrapping_add(1);
             let (id, outbox) = &self.members[i];
             if outbox
-                .send_shared_corked(&Wire::<()>::Control(Control::Conn { server }), conn.clone())
+                .send_shared(&Wire::<()>::Control(Control::Conn { server }), conn.clone())
                 .is_ok()
             {
                 self.inflight.entry(*id).or_default().push_back(conn);
