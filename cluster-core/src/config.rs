@@ -101,7 +101,8 @@ pub struct Config {
     pub workers: Workers,
     /// The scheduling policy; `CLUSTER_SCHED_POLICY` overrides it.
     pub scheduling: SchedulingPolicy,
-    /// The primary's runtime flavour (default: multi-thread, 2 threads).
+    /// The primary's runtime flavour (default: current-thread: its work is dispatching, and one
+    /// thread avoids cross-thread wake-ups on every connection and message).
     pub primary_flavor: Flavor,
     /// The workers' runtime flavour (default: current-thread; one process per core is the
     /// parallelism).
@@ -115,7 +116,7 @@ impl Default for Config {
         Config {
             workers: Workers::Auto,
             scheduling: SchedulingPolicy::RoundRobin,
-            primary_flavor: Flavor::MultiThread(2),
+            primary_flavor: Flavor::CurrentThread,
             worker_flavor: Flavor::CurrentThread,
             max_frame: DEFAULT_MAX_FRAME,
         }
