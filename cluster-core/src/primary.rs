@@ -486,8 +486,13 @@ impl<P: Message, W: Message> Primary<P, W> {
         if self.inner.pending.load(Ordering::Relaxed) != 0 {
             self.ensure_started();
         }
+        // The hot path under message load: an event is already queued and nobody else reads.
+        if let Ok(mut rx) = self.inner.events_rx.try_lock() {
+            if let Ok(ev) = rx.try_recv() {
+                return Some(ev);
+            }
+        }
         let mut rx = self.inner.events_rx.lock().await;
-        // The hot path under message load: an event is already queued.
         if let Ok(ev) = rx.try_recv() {
             return Some(ev);
         }
