@@ -529,6 +529,11 @@ impl Reader {
         }
     }
 
+    /// Whether the next message is already buffered (no read needed).
+    pub(crate) fn has_frame(&self) -> bool {
+        self.decoder.has_frame()
+    }
+
     /// The next message, `Eof` once the peer closed cleanly, or why the channel is broken.
     pub(crate) async fn next<U: DeserializeOwned>(&mut self) -> Result<Incoming<U>, ReadFail> {
         loop {

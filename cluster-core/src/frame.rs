@@ -139,6 +139,16 @@ impl Decoder {
         debug_assert!(self.end <= self.buf.len());
     }
 
+    /// Whether [`next_frame`](Self::next_frame) would return without more bytes (a frame, or
+    /// an error).
+    pub fn has_frame(&self) -> bool {
+        let have = self.end - self.start;
+        have >= HEADER_LEN && {
+            let len = self.peek_len();
+            len > self.max_frame || have >= HEADER_LEN + len
+        }
+    }
+
     /// The next whole frame, as `(descriptor count, payload)`, or `None` until more bytes arrive.
     pub fn next_frame(&mut self) -> Result<Option<(usize, &[u8])>, FrameError> {
         let have = self.end - self.start;
@@ -202,8 +212,23 @@ mod tests {
             spare[..n].copy_from_slice(&bytes[..n]);
             d.filled(n);
             bytes = &bytes[n..];
-            while let Some((nfds, p)) = d.next_frame()? {
-                out.push((nfds, p.to_vec()));
+            loop {
+                // `has_frame` predicts exactly whether `next_frame` returns without a read.
+                let has = d.has_frame();
+                match d.next_frame() {
+                    Ok(Some((nfds, p))) => {
+                        assert!(has);
+                        out.push((nfds, p.to_vec()));
+                    }
+                    Ok(None) => {
+                        assert!(!has);
+                        break;
+                    }
+                    Err(e) => {
+                        assert!(has);
+                        return Err(e);
+                    }
+                }
             }
         }
         Ok(out)

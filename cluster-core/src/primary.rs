@@ -54,8 +54,8 @@ pub(crate) struct Inner<P, W> {
     frozen: AtomicBool,
     next_id: AtomicU32,
     registry: Arc<Registry<W>>,
-    events_tx: mpsc::UnboundedSender<Event<P, W>>,
-    events_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event<P, W>>>,
+    events_tx: mpsc::UnboundedSender<Delivery<P, W>>,
+    events_rx: tokio::sync::Mutex<EventInbox<P, W>>,
     closing: AtomicBool,
     respawn: Mutex<Option<RespawnState>>,
     /// An exit owed once `main` returns: code and last line.
@@ -68,6 +68,40 @@ pub(crate) struct Inner<P, W> {
     argv0: OsString,
     fingerprint: u64,
     pub(crate) servers: Arc<Servers>,
+}
+
+/// What travels from the tasks that see events to `next_event`: one event, or all the messages
+/// decoded from one read of a worker's channel, handed over at once.
+enum Delivery<P, W> {
+    One(Event<P, W>),
+    Many(Vec<Event<P, W>>),
+}
+
+/// `next_event`'s side: the channel and the rest of the last batch.
+struct EventInbox<P, W> {
+    rx: mpsc::UnboundedReceiver<Delivery<P, W>>,
+    buf: VecDeque<Event<P, W>>,
+}
+
+impl<P, W> EventInbox<P, W> {
+    fn put(&mut self, d: Delivery<P, W>) {
+        match d {
+            Delivery::One(ev) => self.buf.push_back(ev),
+            Delivery::Many(evs) => self.buf.extend(evs),
+        }
+    }
+
+    /// The next event already here, without waiting.
+    fn pop(&mut self) -> Option<Event<P, W>> {
+        if self.buf.is_empty() {
+            match self.rx.try_recv() {
+                Ok(Delivery::One(ev)) => return Some(ev),
+                Ok(d) => self.put(d),
+                Err(_) => return None,
+            }
+        }
+        self.buf.pop_front()
+    }
 }
 
 struct RespawnState {
@@ -133,7 +167,10 @@ impl<P: Message, W: Message> Primary<P, W> {
                     alive: Mutex::new(BTreeMap::new()),
                 }),
                 events_tx,
-                events_rx: tokio::sync::Mutex::new(events_rx),
+                events_rx: tokio::sync::Mutex::new(EventInbox {
+                    rx: events_rx,
+                    buf: VecDeque::new(),
+                }),
                 closing: AtomicBool::new(false),
                 respawn: Mutex::new(None),
                 exit: Mutex::new(None),
@@ -433,7 +470,7 @@ impl<P: Message, W: Message> Primary<P, W> {
         let now = s.clone();
         drop(s);
         self.inner.frozen.store(true, Ordering::Relaxed);
-        let _ = self.inner.events_tx.send(Event::Setup {
+        self.inner.emit(Event::Setup {
             settings: now.clone(),
         });
         now
@@ -487,25 +524,25 @@ impl<P: Message, W: Message> Primary<P, W> {
             self.ensure_started();
         }
         // The hot path under message load: an event is already queued and nobody else reads.
-        if let Ok(mut rx) = self.inner.events_rx.try_lock() {
-            if let Ok(ev) = rx.try_recv() {
+        if let Ok(mut inbox) = self.inner.events_rx.try_lock() {
+            if let Some(ev) = inbox.pop() {
                 return Some(ev);
             }
         }
-        let mut rx = self.inner.events_rx.lock().await;
-        if let Ok(ev) = rx.try_recv() {
-            return Some(ev);
-        }
+        let mut inbox = self.inner.events_rx.lock().await;
         let mut live = self.inner.registry.live.subscribe();
         loop {
-            if let Ok(ev) = rx.try_recv() {
+            if let Some(ev) = inbox.pop() {
                 return Some(ev);
             }
             if self.inner.closing.load(Ordering::Relaxed) && *live.borrow_and_update() == 0 {
                 return None;
             }
             tokio::select! {
-                ev = rx.recv() => return ev,
+                d = inbox.rx.recv() => match d {
+                    Some(d) => inbox.put(d),
+                    None => return None,
+                },
                 r = live.changed() => if r.is_err() { return None },
             }
         }
@@ -854,9 +891,23 @@ impl<P: Message, W: Message> Primary<P, W> {
 }
 
 impl<P: Message, W: Message> Inner<P, W> {
+    /// Hands over the messages of one read at once (one wake-up for the consumer).
+    fn emit_batch(&self, batch: &mut Vec<Event<P, W>>) {
+        match batch.len() {
+            0 => {}
+            1 => self.emit(batch.pop().expect("one event")),
+            _ => {
+                for ev in batch.iter() {
+                    trace_event(ev);
+                }
+                let _ = self.events_tx.send(Delivery::Many(std::mem::take(batch)));
+            }
+        }
+    }
+
     fn emit(&self, ev: Event<P, W>) {
         trace_event(&ev);
-        let _ = self.events_tx.send(ev);
+        let _ = self.events_tx.send(Delivery::One(ev));
     }
 
     /// Marks the channel closed; the worker leaves the registry if it has also exited.
@@ -957,7 +1008,13 @@ async fn read_worker<P: Message, W: Message>(
     let who = format!("worker {id}");
     let mut online = false;
     let mut refused = false;
+    let mut batch: Vec<Event<P, W>> = Vec::new();
     let outcome = loop {
+        // Messages decoded from one read go out together, before anything else is emitted and
+        // before the next read.
+        if !batch.is_empty() && (!reader.has_frame() || batch.len() >= 1024) {
+            inner.emit_batch(&mut batch);
+        }
         let incoming = match reader.next::<P>().await {
             Ok(i) => i,
             Err(e) => break Err(e.into_error(&who)),
@@ -1014,7 +1071,7 @@ async fn read_worker<P: Message, W: Message>(
             Incoming::Frame(Wire::User { msg, handle }, fds) => {
                 w.shared.msgs_in.fetch_add(1, Ordering::Relaxed);
                 let handle = if handle { fds.into_iter().next() } else { None };
-                inner.emit(Event::Message {
+                batch.push(Event::Message {
                     worker: w.clone(),
                     msg,
                     handle,
@@ -1036,6 +1093,7 @@ async fn read_worker<P: Message, W: Message>(
                 Control::Fatal { message } => w.shared.lock().last_error = Some(message),
                 Control::Listening { addr } => {
                     w.shared.lock().state = WorkerState::Listening;
+                    inner.emit_batch(&mut batch);
                     inner.emit(Event::Listening {
                         worker: w.clone(),
                         address: addr,
@@ -1050,6 +1108,7 @@ async fn read_worker<P: Message, W: Message>(
             },
         }
     };
+    inner.emit_batch(&mut batch);
     if let Err(error) = outcome {
         inner.emit(Event::Error {
             worker: Some(w.clone()),
