@@ -321,8 +321,9 @@ fn settings_are_cumulative_and_only_later_forks_see_them() {
     // The second change kept the first: worker 2 has both the arguments and the directory.
     p.send("send 2 where");
     let want = format!(
-        r#"event message id=2 msg=Where {{ cwd: "{}", args: ["alpha", "beta"] }} handle=false"#,
-        dir.display()
+        r#"event message id=2 msg=Where {{ cwd: "{}", args: ["alpha", "beta"], uid: {} }} handle=false"#,
+        dir.display(),
+        nix::unistd::getuid().as_raw()
     );
     p.seen_or_wait("where 2", |l| l == want);
     // Worker 1 was forked before: its arguments are the primary's (none).
@@ -365,4 +366,27 @@ fn the_api_sets_the_worker_count() {
     p.wait_for("workers", |l| l.starts_with("workers 1:"));
     wait_gone(pids[1]);
     wait_gone(pids[2]);
+}
+
+#[test]
+fn uid_and_gid_apply_to_later_forks() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: changing a worker's user needs root");
+        return;
+    }
+    let mut p = fixture("1");
+    let pid = online(&mut p, 1);
+    p.send("uid 65534");
+    p.wait_for("uid", |l| l == "uid set");
+    p.send("fork");
+    let pid2 = online(&mut p, 2);
+    let _guard = KillOnDrop(vec![pid, pid2]);
+    p.send("send 2 where");
+    p.seen_or_wait("where 2", |l| {
+        l.starts_with("event message id=2 msg=Where {") && l.contains("uid: 65534")
+    });
+    p.send("send 1 where");
+    p.seen_or_wait("where 1", |l| {
+        l.starts_with("event message id=1 msg=Where {") && l.contains("uid: 0 ")
+    });
 }
