@@ -1056,3 +1056,30 @@ fn hello_http_sigkill_of_the_primary_under_load_leaves_no_worker() {
     // Nobody serves the port any more.
     assert!(get(port).is_err());
 }
+
+#[test]
+fn a_binary_upgrade_reloads_onto_the_new_build() {
+    // The "new build": the same program at another path, as a package upgrade would install it.
+    let new_build = std::env::temp_dir().join(format!("cluster-upgrade-{}", std::process::id()));
+    std::fs::copy(common::example("fixture_production"), &new_build).unwrap();
+    let mut f = Fixture::start(2, &[]);
+    let old: Vec<u32> = (1..=2).map(|id| f.listening(id)).collect();
+    let port = f.port();
+    f.send(&format!("exec {}", new_build.display()));
+    f.next("exec set");
+    f.signal(Signal::SIGHUP);
+    let new: Vec<u32> = (3..=4).map(|id| f.listening(id)).collect();
+    for pid in &old {
+        wait_gone(*pid);
+    }
+    // The replacements run the new file; the port never changed.
+    for pid in &new {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert_eq!(exe, new_build, "worker {pid} runs {}", exe.display());
+    }
+    for _ in 0..4 {
+        assert!(matches!(served_by(&ask(port, "x").unwrap()), 3 | 4));
+    }
+    f.no_zombies();
+    let _ = std::fs::remove_file(&new_build);
+}
