@@ -1083,3 +1083,18 @@ fn a_binary_upgrade_reloads_onto_the_new_build() {
     f.no_zombies();
     let _ = std::fs::remove_file(&new_build);
 }
+
+#[test]
+fn after_a_failed_reload_respawns_use_the_build_that_works() {
+    let (mut f, pids) = failed_reload("/bin/false");
+    // An old worker crashes after the failed upgrade: its replacement must not come from the
+    // broken build (which would end in the crash-loop guard) but from the one that serves.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), Signal::SIGKILL).unwrap();
+    let pid = f.listening(4);
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(
+        exe.file_name(),
+        common::example("fixture_production").file_name()
+    );
+    f.no_zombies();
+}

@@ -58,6 +58,8 @@ pub(crate) struct Inner<P, W> {
     events_rx: tokio::sync::Mutex<EventInbox<P, W>>,
     closing: AtomicBool,
     respawn: Mutex<Option<RespawnState>>,
+    /// The settings of the last worker that came online.
+    good_settings: Mutex<Option<Settings>>,
     /// An exit owed once `main` returns: code and last line.
     exit: Mutex<Option<(i32, String)>>,
     /// Workers of the configured count not forked yet: they start on first use of the handle,
@@ -173,6 +175,7 @@ impl<P: Message, W: Message> Primary<P, W> {
                 }),
                 closing: AtomicBool::new(false),
                 respawn: Mutex::new(None),
+                good_settings: Mutex::new(None),
                 exit: Mutex::new(None),
                 pending: std::sync::atomic::AtomicUsize::new(0),
                 respawns: AtomicU64::new(0),
@@ -409,6 +412,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             stdout: Mutex::new(child.stdout.take()),
             stderr: Mutex::new(child.stderr.take()),
             started: Instant::now(),
+            settings: settings.clone(),
             msgs_in: AtomicU64::new(0),
             msgs_out: AtomicU64::new(0),
             conns: AtomicU64::new(0),
@@ -855,10 +859,21 @@ impl<P: Message, W: Message> Primary<P, W> {
             .unwrap_or(false);
             if !ready {
                 let _ = new.kill_with(nix::sys::signal::Signal::SIGKILL);
+                // Respawns must not use the build that just failed: back to the settings of
+                // the workers that serve.
+                let good = self
+                    .inner
+                    .good_settings
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                if let Some(good) = good {
+                    self.setup_primary(|s| *s = good);
+                }
                 return Err(Error::new(
                     ErrorKind::Spawn,
                     format!(
-                        "reload stopped: replacement worker {} did not become ready; the old workers keep serving",
+                        "reload stopped: replacement worker {} did not become ready; the old workers keep serving and the settings are back to theirs",
                         new.id()
                     ),
                 ));
@@ -1060,6 +1075,11 @@ async fn read_worker<P: Message, W: Message>(
                     st.state = WorkerState::Online;
                     st.last_pong = Some(Instant::now());
                 }
+                // These settings start workers that work: a failed reload returns to them.
+                *inner
+                    .good_settings
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(w.shared.settings.clone());
                 inner.emit(Event::Online { worker: w.clone() });
             }
             Incoming::Frame(_, _) if !online => {
@@ -1226,6 +1246,8 @@ pub(crate) struct WorkerShared {
     stdout: Mutex<Option<ChildStdout>>,
     stderr: Mutex<Option<ChildStderr>>,
     started: Instant,
+    /// The settings this worker was forked with.
+    settings: Settings,
     msgs_in: AtomicU64,
     msgs_out: AtomicU64,
     conns: AtomicU64,
