@@ -109,7 +109,8 @@ fn reload_under_load_fails_no_request_reuseport() {
 }
 
 fn reload_under_load(policy: &str, n: u16) {
-    let port = 20000 + (std::process::id() % 5000) as u16 * 3 + n;
+    // Below the ephemeral range (32768 and up), so no client socket can hold the port.
+    let port = 10000 + (std::process::id() % 3000) as u16 * 3 + n;
     let port_s = port.to_string();
     let mut p = Proc::start(
         "hello_http",
