@@ -923,11 +923,7 @@ fn hello_http(env: &[(&str, &str)]) -> Proc {
 
 /// A port free right now on every interface.
 fn free_port() -> u16 {
-    TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::free_low_port()
 }
 
 /// One `GET /` on a new connection; whether it got `200` and the body.

@@ -243,3 +243,25 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// A port free right now below the kernel's ephemeral range, so that no outgoing connection
+/// (of this or a concurrent test) can take it before the server binds it.
+pub fn free_low_port() -> u16 {
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let base = low.saturating_sub(12000).max(1024);
+    let span = low - base;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    (0..2000u32)
+        .find_map(|i| {
+            let port = base + seed.wrapping_add(i.wrapping_mul(7919)) % span;
+            std::net::TcpListener::bind(("0.0.0.0", port as u16)).ok()
+        })
+        .map(|l| l.local_addr().expect("local addr").port())
+        .expect("a free port below the ephemeral range")
+}
