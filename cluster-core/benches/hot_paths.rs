@@ -20,7 +20,7 @@ use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use cluster_core::frame::{DEFAULT_MAX_FRAME, Decoder, HEADER_LEN, patch_len, put_header};
+use cluster_core::frame::{self, DEFAULT_MAX_FRAME, Decoder, put_header};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use nix::cmsg_space;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
@@ -46,31 +46,9 @@ enum Tick {
     Tick(u32),
 }
 
-/// Appends to a borrowed buffer, as the outbox's postcard flavor does.
-struct AppendTo<'a>(&'a mut Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for AppendTo<'_> {
-    type Output = ();
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.push(data);
-        Ok(())
-    }
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
-}
-
-/// One frame, encoded in place at the end of `buf`, the way the outbox does it.
+/// One frame, encoded in place at the end of `buf`, by the outbox's own encoder.
 fn encode<T: Serialize>(buf: &mut Vec<u8>, msg: &T, nfds: usize) {
-    let at = buf.len();
-    put_header(buf, 0, nfds);
-    postcard::serialize_with_flavor(msg, AppendTo(buf)).expect("encodable");
-    let len = buf.len() - at - HEADER_LEN;
-    patch_len(buf, at, len);
+    frame::encode(buf, msg, nfds).expect("encodable");
 }
 
 const FRAMES: usize = 1000;

@@ -12,7 +12,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{Notify, watch};
 
 use crate::error::{Error, ErrorKind};
-use crate::frame::{self, Decoder, FrameError, HEADER_LEN, MAX_FDS_PER_FRAME};
+use crate::frame::{self, Decoder, FrameError, MAX_FDS_PER_FRAME};
 use crate::sys;
 use crate::wire::{Control, Wire};
 
@@ -157,12 +157,8 @@ impl Outbox {
             }
             let n = n.saturating_add(1);
             chunk.bytes.truncate(at);
-            frame::put_header(&mut chunk.bytes, 0, 0);
             let msg = Wire::<()>::Control(Control::Accepted { server, n });
-            postcard::serialize_with_flavor(&msg, AppendTo(&mut chunk.bytes))
-                .expect("an Accepted frame always encodes");
-            let len = chunk.bytes.len() - at - HEADER_LEN;
-            frame::patch_len(&mut chunk.bytes, at, len);
+            frame::encode(&mut chunk.bytes, &msg, 0).expect("an Accepted frame always encodes");
             st.last_ack = Some((server, n, at));
             return Ok(());
         }
@@ -225,13 +221,11 @@ impl Outbox {
         }
         let chunk = st.chunks.back_mut().expect("a chunk was just ensured");
         let at = chunk.bytes.len();
-        frame::put_header(&mut chunk.bytes, 0, nfds);
-        if let Err(e) = postcard::serialize_with_flavor(msg, AppendTo(&mut chunk.bytes)) {
-            // postcard fails only on types serde cannot express; drop the half-written frame.
-            chunk.bytes.truncate(at);
-            return Err(SendFail::Encode(e.to_string()));
-        }
-        let len = chunk.bytes.len() - at - HEADER_LEN;
+        // postcard fails only on types serde cannot express; `encode` then drops the frame.
+        let len = match frame::encode(&mut chunk.bytes, msg, nfds) {
+            Ok(len) => len,
+            Err(e) => return Err(SendFail::Encode(e.to_string())),
+        };
         if len > self.max_frame {
             chunk.bytes.truncate(at);
             let empty = chunk.bytes.is_empty() && chunk.fds.is_empty();
@@ -243,7 +237,6 @@ impl Outbox {
                 max: self.max_frame,
             });
         }
-        frame::patch_len(&mut chunk.bytes, at, len);
         add_fds(&mut chunk.fds);
         st.last_ack = ack.map(|s| (s, 1, at));
         drop(st);
@@ -366,27 +359,6 @@ fn write_now(stream: &UnixStream, chunk: &mut Chunk) -> io::Result<bool> {
         chunk.bytes.drain(..off);
     }
     res.map(|()| chunk.bytes.is_empty())
-}
-
-/// A postcard flavor that appends to a borrowed buffer, so frames are encoded in place.
-struct AppendTo<'a>(&'a mut Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for AppendTo<'_> {
-    type Output = ();
-
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.push(data);
-        Ok(())
-    }
-
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
 }
 
 /// Why a frame could not be queued.

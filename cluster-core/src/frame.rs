@@ -67,6 +67,46 @@ pub fn patch_len(buf: &mut [u8], at: usize, len: usize) {
     buf[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
 }
 
+/// Appends one frame carrying `nfds` descriptors: the header, then `msg` encoded in place by
+/// postcard (no intermediate buffer). Returns the payload length; on an encoding error the
+/// buffer is left as it was.
+pub fn encode<T: serde::Serialize + ?Sized>(
+    buf: &mut Vec<u8>,
+    msg: &T,
+    nfds: usize,
+) -> postcard::Result<usize> {
+    let at = buf.len();
+    put_header(buf, 0, nfds);
+    if let Err(e) = postcard::serialize_with_flavor(msg, AppendTo(buf)) {
+        buf.truncate(at);
+        return Err(e);
+    }
+    let len = buf.len() - at - HEADER_LEN;
+    patch_len(buf, at, len);
+    Ok(len)
+}
+
+/// A postcard flavor that appends to a borrowed buffer, so frames are encoded in place.
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 /// Splits a byte stream into frames, reusing one buffer.
 ///
 /// The buffer never grows beyond one maximal frame plus its header plus one read, whatever
