@@ -186,26 +186,9 @@ fn ask(addr: SocketAddr) -> u32 {
     answer(connect(addr))
 }
 
-/// A listener on a free port below the kernel's ephemeral range, so that neither a `:0` bind
-/// nor an outgoing connection (of this or a concurrent test) takes the port while the test has
-/// it closed on purpose.
+/// A listener on a free port below the ephemeral range (see [`common::hold_low_port`]).
 fn hold_port() -> std::net::TcpListener {
-    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    let base = low.saturating_sub(12000).max(1024);
-    let span = low - base;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos())
-        ^ std::process::id().wrapping_mul(2_654_435_761);
-    (0..2000u32)
-        .find_map(|i| {
-            let port = base + seed.wrapping_add(i.wrapping_mul(7919)) % span;
-            std::net::TcpListener::bind(("127.0.0.1", port as u16)).ok()
-        })
-        .expect("a free port below the ephemeral range")
+    common::hold_low_port("127.0.0.1")
 }
 
 /// A free port below the ephemeral range (see [`hold_port`]).

@@ -244,9 +244,10 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A port free right now below the kernel's ephemeral range, so that no outgoing connection
-/// (of this or a concurrent test) can take it before the server binds it.
-pub fn free_low_port() -> u16 {
+/// A listener on `ip` at a free port below the kernel's ephemeral range, so that neither a `:0`
+/// bind nor an outgoing connection (of this or a concurrent test) can take the port while the
+/// test holds it, or after it lets it go on purpose.
+pub fn hold_low_port(ip: &str) -> std::net::TcpListener {
     let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
@@ -260,8 +261,15 @@ pub fn free_low_port() -> u16 {
     (0..2000u32)
         .find_map(|i| {
             let port = base + seed.wrapping_add(i.wrapping_mul(7919)) % span;
-            std::net::TcpListener::bind(("0.0.0.0", port as u16)).ok()
+            std::net::TcpListener::bind((ip, port as u16)).ok()
         })
-        .map(|l| l.local_addr().expect("local addr").port())
         .expect("a free port below the ephemeral range")
+}
+
+/// A port free right now below the kernel's ephemeral range (see [`hold_low_port`]).
+pub fn free_low_port() -> u16 {
+    hold_low_port("0.0.0.0")
+        .local_addr()
+        .expect("local addr")
+        .port()
 }
