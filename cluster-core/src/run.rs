@@ -113,8 +113,7 @@ where
     match role {
         Role::Primary => runtime(config.primary_flavor).block_on(async move {
             let n = config.workers.resolve();
-            let primary = Primary::<P, W>::new(config);
-            primary.set_initial_workers(n);
+            let primary = Primary::<P, W>::with_workers(config, n);
             let handle = primary.clone();
             let out = main(Context {
                 primary: Some(primary),

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// The crate version both sides compare in the handshake.
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// A frame's payload. `Control` is the first variant, so the handshake decodes whatever the
 /// user's types are, and a mismatch is reported rather than misread.
 #[derive(Debug, Serialize, Deserialize)]

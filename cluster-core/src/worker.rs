@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::channel::{self, Incoming, Outbox, Reader};
 use crate::error::{Error, ErrorKind};
 use crate::message::{Message, pair_fingerprint};
-use crate::primary::VERSION;
+use crate::wire::VERSION;
 use crate::wire::{BindAddr, Control, Grant, Wire};
 
 /// The reply to a server query: the grant and bound address or the OS error, plus descriptors.

@@ -1,0 +1,180 @@
+//! The event queue from the supervisor and the readers to `next_event`.
+//!
+//! One queue, so a worker's messages keep their order relative to its lifecycle events. Two
+//! kinds of producers, bounded in two ways:
+//! - Messages (the readers): at most [`MESSAGE_LIMIT`] wait unread. A reader takes a permit per
+//!   message before queueing it; with none left it waits, so it stops reading its channel and
+//!   the kernel's socket buffer pushes back on that worker alone.
+//! - Lifecycle events and errors (the supervisor, which must never wait on the user): bounded
+//!   by construction, a handful per fork, and forks are made by the user or the respawn policy
+//!   (which the crash-loop guard stops).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::event::Event;
+
+/// How many user messages may wait unread in the primary before the readers stop reading.
+pub(crate) const MESSAGE_LIMIT: usize = 16 * 1024;
+
+/// Permits handed back to the readers at once, so the hot path does not touch the semaphore
+/// per message.
+const RELEASE_BATCH: usize = 256;
+
+/// What travels to `next_event`: one event, or the messages decoded from one read of a
+/// worker's channel, handed over at once (one wake-up for the consumer).
+enum Delivery<P, W> {
+    One(Event<P, W>),
+    Many(Vec<Event<P, W>>),
+}
+
+/// The producers' side; cheap to clone.
+pub(crate) struct EventTx<P, W> {
+    tx: mpsc::UnboundedSender<Delivery<P, W>>,
+    permits: Arc<Semaphore>,
+}
+
+impl<P, W> Clone for EventTx<P, W> {
+    fn clone(&self) -> Self {
+        EventTx {
+            tx: self.tx.clone(),
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+/// `next_event`'s side: the channel and the rest of the last batch.
+pub(crate) struct Inbox<P, W> {
+    rx: mpsc::UnboundedReceiver<Delivery<P, W>>,
+    buf: VecDeque<Event<P, W>>,
+    permits: Arc<Semaphore>,
+    /// Messages read whose permits are not yet back with the readers.
+    owed: usize,
+}
+
+pub(crate) fn queue<P, W>() -> (EventTx<P, W>, Inbox<P, W>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let permits = Arc::new(Semaphore::new(MESSAGE_LIMIT));
+    (
+        EventTx {
+            tx,
+            permits: permits.clone(),
+        },
+        Inbox {
+            rx,
+            buf: VecDeque::new(),
+            permits,
+            owed: 0,
+        },
+    )
+}
+
+impl<P, W> EventTx<P, W> {
+    /// Queues a lifecycle event or an error; never waits (see the module docs for its bound).
+    pub(crate) fn emit(&self, ev: Event<P, W>) {
+        trace_event(&ev);
+        let _ = self.tx.send(Delivery::One(ev));
+    }
+
+    /// Queues the messages of one read, waiting while [`MESSAGE_LIMIT`] messages are unread.
+    pub(crate) async fn messages(&self, batch: &mut Vec<Event<P, W>>) {
+        let n = batch.len();
+        if n == 0 {
+            return;
+        }
+        // A batch is at most a read's worth (the reader caps it far below the limit).
+        let want = n.min(MESSAGE_LIMIT) as u32;
+        match self.permits.try_acquire_many(want) {
+            Ok(p) => p.forget(),
+            Err(_) => match self.permits.acquire_many(want).await {
+                Ok(p) => p.forget(),
+                Err(_) => return,
+            },
+        }
+        for ev in batch.iter() {
+            trace_event(ev);
+        }
+        let d = if n == 1 {
+            Delivery::One(batch.pop().expect("one event"))
+        } else {
+            Delivery::Many(std::mem::take(batch))
+        };
+        let _ = self.tx.send(d);
+    }
+}
+
+impl<P, W> Inbox<P, W> {
+    fn put(&mut self, d: Delivery<P, W>) {
+        match d {
+            Delivery::One(ev) => self.buf.push_back(ev),
+            Delivery::Many(evs) => self.buf.extend(evs),
+        }
+    }
+
+    fn taken(&mut self, ev: Event<P, W>) -> Event<P, W> {
+        if matches!(ev, Event::Message { .. }) {
+            self.owed += 1;
+            if self.owed >= RELEASE_BATCH || self.buf.is_empty() {
+                self.permits.add_permits(std::mem::take(&mut self.owed));
+            }
+        }
+        ev
+    }
+
+    /// The next event already here, without waiting.
+    pub(crate) fn pop(&mut self) -> Option<Event<P, W>> {
+        if self.buf.is_empty() {
+            match self.rx.try_recv() {
+                Ok(d) => self.put(d),
+                Err(_) => {
+                    if self.owed > 0 {
+                        self.permits.add_permits(std::mem::take(&mut self.owed));
+                    }
+                    return None;
+                }
+            }
+        }
+        let ev = self.buf.pop_front()?;
+        Some(self.taken(ev))
+    }
+
+    /// Waits for the next delivery; `false` once every producer is gone.
+    pub(crate) async fn fill(&mut self) -> bool {
+        match self.rx.recv().await {
+            Some(d) => {
+                self.put(d);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Every lifecycle event is also a structured `tracing` event, with the worker's id and pid as
+/// fields, so a subscriber sees the cluster's life without code of its own.
+fn trace_event<P, W>(ev: &Event<P, W>) {
+    use tracing::{debug, error, info, trace, warn};
+    let (id, pid) = ev.worker().map_or((0, 0), |w| (w.id(), w.pid()));
+    match ev {
+        Event::Fork { .. } => info!(worker.id = id, worker.pid = pid, "worker forked"),
+        Event::Online { .. } => info!(worker.id = id, worker.pid = pid, "worker online"),
+        Event::Listening { address, .. } => {
+            info!(worker.id = id, worker.pid = pid, address = %address, "worker listening")
+        }
+        Event::Disconnect { .. } => debug!(worker.id = id, worker.pid = pid, "worker disconnected"),
+        Event::Exit { worker, status } => {
+            if worker.exited_after_disconnect() == Some(true) {
+                info!(worker.id = id, worker.pid = pid, status = %status, "worker exited")
+            } else {
+                warn!(worker.id = id, worker.pid = pid, status = %status, last_error = worker.last_error(), "worker died")
+            }
+        }
+        Event::Message { .. } => trace!(worker.id = id, worker.pid = pid, "message"),
+        Event::Error { error, .. } => {
+            error!(worker.id = id, worker.pid = pid, kind = ?error.kind(), error = %error, "cluster error")
+        }
+        Event::Setup { .. } => debug!("settings changed"),
+    }
+}

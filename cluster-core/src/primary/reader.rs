@@ -1,0 +1,181 @@
+//! One task per worker reads its channel: user messages go straight to the event queue (the
+//! fast path), server requests to the dispatcher, and lifecycle facts to the supervisor, which
+//! acknowledges each before the reader goes on, so a worker's messages never overtake its
+//! `Online` or `Listening`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::events::EventTx;
+use super::worker_ref::WorkerRef;
+use crate::channel::{Incoming, Reader};
+use crate::error::{Error, ErrorKind};
+use crate::event::Event;
+use crate::message::Message;
+use crate::net::ListenAddress;
+use crate::servers::Servers;
+use crate::wire::{Control, VERSION, Wire};
+
+/// Messages decoded from one read go out together, up to this many.
+const BATCH: usize = 1024;
+
+/// What a reader tells the supervisor.
+#[derive(Debug)]
+pub(crate) enum Report {
+    /// The handshake passed; the reader waits for `ack` before reading on.
+    Online { id: u32, ack: oneshot::Sender<()> },
+    /// A server is listening; the reader waits for `ack` before reading on.
+    Listening {
+        id: u32,
+        address: ListenAddress,
+        ack: oneshot::Sender<()>,
+    },
+    /// An answer to a heartbeat.
+    Pong { id: u32 },
+    /// The worker says why it is about to exit.
+    Fatal { id: u32, message: String },
+    /// The worker leaves on purpose (its own `disconnect()`).
+    Disconnecting { id: u32 },
+    /// The channel is closed (`error` says why, when it was not a clean end); the reader is done.
+    Closed { id: u32, error: Option<Error> },
+    /// The process exited (from the task that waits for it).
+    Exited {
+        id: u32,
+        status: crate::event::ExitStatus,
+    },
+}
+
+pub(crate) struct ReaderTask<P, W> {
+    pub(crate) worker: WorkerRef<W>,
+    pub(crate) reader: Reader,
+    pub(crate) events: EventTx<P, W>,
+    pub(crate) reports: mpsc::Sender<Report>,
+    pub(crate) servers: Arc<Servers>,
+    pub(crate) fingerprint: u64,
+}
+
+impl<P: Message, W: Message> ReaderTask<P, W> {
+    /// Reads until the channel ends, then reports `Closed`.
+    pub(crate) async fn run(mut self) {
+        let id = self.worker.id();
+        let error = self.read().await.err();
+        drop(self.reader);
+        let _ = self.reports.send(Report::Closed { id, error }).await;
+    }
+
+    /// Tells the supervisor and waits for its acknowledgement (none if it is gone).
+    async fn report(&self, make: impl FnOnce(oneshot::Sender<()>) -> Report) {
+        let (ack, done) = oneshot::channel();
+        if self.reports.send(make(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    async fn read(&mut self) -> Result<(), Error> {
+        let w = &self.worker;
+        let id = w.id();
+        let who = format!("worker {id}");
+        let outbox = &w.shared.outbox;
+        let mut online = false;
+        let mut refused = false;
+        let mut batch: Vec<Event<P, W>> = Vec::new();
+        let outcome = loop {
+            // Messages decoded from one read go out together, before anything else is said
+            // and before the next read.
+            if !batch.is_empty() && (!self.reader.has_frame() || batch.len() >= BATCH) {
+                self.events.messages(&mut batch).await;
+            }
+            let incoming = match self.reader.next::<P>().await {
+                Ok(i) => i,
+                Err(e) => break Err(e.into_error(&who)),
+            };
+            match incoming {
+                Incoming::Eof => break Ok(()),
+                Incoming::Frame(_, _) if refused => {}
+                Incoming::Frame(
+                    Wire::Control(Control::Hello {
+                        version,
+                        fingerprint,
+                    }),
+                    _,
+                ) if !online => {
+                    if version != VERSION || fingerprint != self.fingerprint {
+                        let reason = format!(
+                            "{who} was built with other message types or another version of cluster \
+                             (worker: version {version}, message fingerprint {fingerprint:#018x}; \
+                             primary: version {VERSION}, message fingerprint {:#018x}); refusing it",
+                            self.fingerprint
+                        );
+                        let _ = outbox.send(
+                            &Wire::<()>::Control(Control::Refuse {
+                                reason: reason.clone(),
+                            }),
+                            vec![],
+                        );
+                        outbox.close();
+                        refused = true;
+                        self.events.emit(Event::Error {
+                            worker: Some(w.clone()),
+                            error: Error::new(ErrorKind::Handshake, reason),
+                        });
+                        continue;
+                    }
+                    online = true;
+                    let _ = outbox.send(&Wire::<()>::Control(Control::Welcome), vec![]);
+                    self.report(|ack| Report::Online { id, ack }).await;
+                }
+                Incoming::Frame(_, _) if !online => {
+                    break Err(Error::new(
+                        ErrorKind::Handshake,
+                        format!("{who} sent a message before the handshake"),
+                    ));
+                }
+                Incoming::Frame(Wire::User { msg, handle }, fds) => {
+                    w.shared.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
+                    let handle = if handle { fds.into_iter().next() } else { None };
+                    batch.push(Event::Message {
+                        worker: w.clone(),
+                        msg,
+                        handle,
+                    });
+                }
+                Incoming::Frame(Wire::Control(c), fds) => match c {
+                    Control::Disconnecting => {
+                        let _ = self.reports.send(Report::Disconnecting { id }).await;
+                    }
+                    Control::Ping(n) => {
+                        let _ = outbox.send(&Wire::<()>::Control(Control::Pong(n)), vec![]);
+                    }
+                    Control::Pong(_) => {
+                        let _ = self.reports.send(Report::Pong { id }).await;
+                    }
+                    Control::Fatal { message } => {
+                        let _ = self.reports.send(Report::Fatal { id, message }).await;
+                    }
+                    Control::Listening { addr } => {
+                        self.events.messages(&mut batch).await;
+                        self.report(|ack| Report::Listening {
+                            id,
+                            address: addr,
+                            ack,
+                        })
+                        .await;
+                    }
+                    other => {
+                        if let Control::Accepted { n, .. } = &other {
+                            w.shared
+                                .counters
+                                .conns
+                                .fetch_add(u64::from(*n), Ordering::Relaxed);
+                        }
+                        self.servers.handle(id, outbox, other, fds)
+                    }
+                },
+            }
+        };
+        self.events.messages(&mut batch).await;
+        outcome
+    }
+}

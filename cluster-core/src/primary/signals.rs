@@ -1,0 +1,67 @@
+//! The signals of a production process manager, turned into commands.
+
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::Primary;
+use crate::event::Event;
+use crate::message::Message;
+
+/// Listens for the signals [`Primary::handle_signals`] documents and acts on them through
+/// the handle, as the user's own code would.
+pub(super) fn handle<P: Message, W: Message>(
+    me: Primary<P, W>,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut ttin = signal(SignalKind::from_raw(nix::libc::SIGTTIN))?;
+    let mut ttou = signal(SignalKind::from_raw(nix::libc::SIGTTOU))?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    let m = me.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = m.reload(grace).await {
+                            m.report(error);
+                        }
+                    });
+                }
+                _ = ttin.recv() => {
+                    if let Err(error) = me.fork().await {
+                        me.report(error);
+                    }
+                }
+                _ = ttou.recv() => {
+                    if let Some(w) = me.workers().last() {
+                        w.disconnect();
+                    }
+                }
+            }
+        }
+        // The exit is owed before the stragglers are killed: once they are gone the event
+        // stream ends and `main` returns, and `run` must find it then.
+        tokio::select! {
+            _ = me.shutdown_as(grace, true, true) => {}
+            _ = int.recv() => {
+                me.shutdown_as(Duration::ZERO, true, true).await;
+            }
+        }
+    });
+    Ok(())
+}
+
+impl<P: Message, W: Message> Primary<P, W> {
+    /// An error of the cluster as a whole, for `next_event`.
+    fn report(&self, error: crate::error::Error) {
+        self.inner.errors.emit(Event::Error {
+            worker: None,
+            error,
+        });
+    }
+}

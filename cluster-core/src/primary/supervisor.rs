@@ -1,0 +1,846 @@
+//! The supervisor: one task that owns the cluster's lifecycle state.
+//!
+//! It alone holds the registry of workers and their lifecycle, the settings (and the last that
+//! started a worker that came online), the respawn and crash-loop state, the heartbeat, an
+//! ongoing shutdown and the exit the process owes. It `select!`s over commands from the handles,
+//! reports from the per-worker readers and process waiters, the heartbeat tick and its own
+//! deadlines, and publishes what the handles read: a [`View`] of the cluster and a
+//! [`Status`] per worker. It never waits on a worker or on the user: events go to the queue
+//! without waiting, frames to a worker's outbox without waiting.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Interval;
+
+use super::events::EventTx;
+use super::policy::{Fact, Life, Pulse, Respawn, Verdict, pulse};
+use super::reader::{ReaderTask, Report};
+use super::spawn::Launcher;
+use super::worker_ref::{Status, WorkerRef, WorkerShared};
+use crate::channel::{self, Reader};
+use crate::config::{Config, Heartbeat, RespawnPolicy, SchedulingPolicy, Settings};
+use crate::error::{Error, ErrorKind};
+use crate::event::{Event, ExitStatus, WorkerState};
+use crate::message::Message;
+use crate::servers::Servers;
+use crate::wire::{Control, Wire};
+
+/// How long the exit of a process waits for its channel to close, so that `Exit` follows the
+/// messages the worker sent before it died, and its `Disconnect`.
+const EXIT_WAITS_FOR_CHANNEL: Duration = Duration::from_secs(2);
+
+/// A worker online this long without a server counts as ready (for `READY=1`).
+const READY_WITHOUT_SERVER: Duration = Duration::from_millis(500);
+
+/// After a forced stop, how long `main` has to return before the process exits anyway.
+const EXIT_ANYWAY_AFTER: Duration = Duration::from_secs(5);
+
+/// After the stragglers of a shutdown are killed, how long to wait for their exits.
+const REAP_AFTER_KILL: Duration = Duration::from_secs(5);
+
+/// How long a crash loop's shutdown lets workers finish.
+const CRASH_LOOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Capacity of the command queue; a handle that finds it full waits (commands come from the
+/// user's own code, never from a worker).
+pub(crate) const COMMANDS: usize = 64;
+
+/// Capacity of the readers' report queue. A reader that finds it full waits, and so stops
+/// reading its worker's channel: a worker that floods the primary with pongs or lifecycle
+/// frames is slowed down alone.
+pub(crate) const REPORTS: usize = 256;
+
+/// What a handle asks of the supervisor; each carries its reply.
+pub(crate) enum Command<W> {
+    /// Fork the configured workers, once (the first use of a handle).
+    Start,
+    /// Nothing: the reply says every earlier command is done.
+    Sync { reply: oneshot::Sender<()> },
+    Fork {
+        env: Vec<(OsString, OsString)>,
+        /// A reload's replacement: until [`Command::Trust`], its death is the reload's to
+        /// report, not a crash to respawn.
+        probation: bool,
+        /// Under `reuseport`, the worker whose socket slot the new one shares.
+        inherit: Option<u32>,
+        reply: oneshot::Sender<Result<WorkerRef<W>, Error>>,
+    },
+    Trust {
+        id: u32,
+    },
+    Setup {
+        settings: Settings,
+        reply: oneshot::Sender<()>,
+    },
+    /// Back to the settings of the last worker that came online (a failed reload).
+    RestoreSettings,
+    SetPolicy {
+        policy: SchedulingPolicy,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Respawn {
+        policy: Option<RespawnPolicy>,
+        reply: oneshot::Sender<()>,
+    },
+    Heartbeat {
+        heartbeat: Heartbeat,
+        reply: oneshot::Sender<()>,
+    },
+    /// Disconnect every worker and let the event stream end once all are gone.
+    Close,
+    /// [`Command::Close`], then SIGKILL whoever is left after `grace`; replies whether all
+    /// left in time.
+    Shutdown {
+        grace: Duration,
+        /// Stragglers make the process owe exit 1 (recorded before they are killed).
+        owe_exit: bool,
+        /// Exit the process if an exit is owed and `main` has not returned soon after.
+        exit_after: bool,
+        reply: Option<oneshot::Sender<bool>>,
+    },
+}
+
+/// What the handles read of the cluster, published on every change.
+#[derive(Debug)]
+pub(crate) struct View<W> {
+    /// Workers not yet both disconnected and exited, by id.
+    pub(crate) workers: Vec<WorkerRef<W>>,
+    pub(crate) settings: Settings,
+    pub(crate) closing: bool,
+    pub(crate) forked: u64,
+    pub(crate) respawns: u64,
+    /// The exit the process owes once `main` returns: code and last line.
+    pub(crate) exit: Option<(i32, String)>,
+}
+
+impl<W> Default for View<W> {
+    fn default() -> Self {
+        View {
+            workers: Vec::new(),
+            settings: Settings::default(),
+            closing: false,
+            forked: 0,
+            respawns: 0,
+            exit: None,
+        }
+    }
+}
+
+struct Entry<W> {
+    worker: WorkerRef<W>,
+    status: watch::Sender<Status>,
+    /// The settings it was forked with.
+    settings: Settings,
+    /// The worker said it leaves on purpose.
+    said_leaving: bool,
+    probation: bool,
+    last_pong: Instant,
+    online_at: Option<Instant>,
+    /// The process exited while its channel was open: the exit waits for the channel to close,
+    /// until the deadline.
+    exit_pending: Option<(ExitStatus, Instant)>,
+}
+
+impl<W> Entry<W> {
+    fn life(&self) -> Life {
+        self.status.borrow().life
+    }
+
+    fn voluntary(&self) -> bool {
+        self.said_leaving || self.worker.leaving()
+    }
+}
+
+struct Stopping {
+    kill_at: Instant,
+    /// Set once the stragglers were killed: when to stop waiting for their exits.
+    give_up_at: Option<Instant>,
+    owe_exit: bool,
+    exit_after: bool,
+    replies: Vec<oneshot::Sender<bool>>,
+    grace: Duration,
+}
+
+pub(crate) struct Supervisor<P, W> {
+    config: Config,
+    launcher: Launcher,
+    fingerprint: u64,
+    servers: Arc<Servers>,
+    events: EventTx<P, W>,
+    reports: mpsc::Sender<Report>,
+    view: watch::Sender<View<W>>,
+
+    entries: BTreeMap<u32, Entry<W>>,
+    next_id: u32,
+    settings: Settings,
+    /// The settings of the last worker that came online: a failed reload returns to them.
+    good_settings: Option<Settings>,
+    /// The scheduling policy can no longer change (a fork or `setup_primary` happened).
+    frozen: bool,
+    closing: bool,
+    /// Workers of the configured count not forked yet: they start on the first use of a
+    /// handle, so the primary's own start-up code runs before any worker.
+    initial: usize,
+    /// The first workers, until all are ready (then the service manager hears `READY=1`).
+    awaiting_ready: Option<Vec<u32>>,
+    respawn: Option<Respawn>,
+    respawns: u64,
+    /// Forks the respawn policy owes, when.
+    due_forks: Vec<Instant>,
+    heartbeat: Option<(Heartbeat, Interval)>,
+    ping_seq: u64,
+    stopping: Option<Stopping>,
+    exit: Option<(i32, String)>,
+    exit_at: Option<Instant>,
+}
+
+impl<P: Message, W: Message> Supervisor<P, W> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: Config,
+        initial: usize,
+        fingerprint: u64,
+        servers: Arc<Servers>,
+        events: EventTx<P, W>,
+        reports: mpsc::Sender<Report>,
+        view: watch::Sender<View<W>>,
+    ) -> Self {
+        Supervisor {
+            config,
+            launcher: Launcher::new(),
+            fingerprint,
+            servers,
+            events,
+            reports,
+            view,
+            entries: BTreeMap::new(),
+            next_id: 1,
+            settings: Settings::default(),
+            good_settings: None,
+            frozen: false,
+            closing: false,
+            initial,
+            awaiting_ready: None,
+            respawn: None,
+            respawns: 0,
+            due_forks: Vec::new(),
+            heartbeat: None,
+            ping_seq: 0,
+            stopping: None,
+            exit: None,
+            exit_at: None,
+        }
+    }
+
+    /// Runs until every handle is gone and no worker is left.
+    pub(crate) async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command<W>>,
+        mut reports: mpsc::Receiver<Report>,
+    ) {
+        let mut handles = true;
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                // Reports first: what happened to a worker is settled before the next command
+                // acts on it.
+                biased;
+                Some(report) = reports.recv() => self.on_report(report),
+                command = commands.recv(), if handles => match command {
+                    Some(command) => self.on_command(command),
+                    None => handles = false,
+                },
+                _ = tick(&mut self.heartbeat) => self.on_heartbeat(),
+                _ = sleep_until(deadline), if deadline.is_some() => self.on_deadline(),
+            }
+            if !handles && self.entries.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let workers = self.entries.values().map(|e| e.worker.clone()).collect();
+        self.view.send_replace(View {
+            workers,
+            settings: self.settings.clone(),
+            closing: self.closing,
+            forked: u64::from(self.next_id - 1),
+            respawns: self.respawns,
+            exit: self.exit.clone(),
+        });
+    }
+
+    fn on_command(&mut self, command: Command<W>) {
+        match command {
+            Command::Start => self.start(),
+            Command::Sync { reply } => {
+                let _ = reply.send(());
+            }
+            Command::Fork {
+                env,
+                probation,
+                inherit,
+                reply,
+            } => {
+                self.closing = false;
+                let r = self.fork(&env, probation, inherit);
+                let _ = reply.send(r);
+            }
+            Command::Trust { id } => {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.probation = false;
+                }
+            }
+            Command::Setup { settings, reply } => {
+                self.set_settings(settings);
+                let _ = reply.send(());
+            }
+            Command::RestoreSettings => {
+                if let Some(good) = self.good_settings.clone() {
+                    self.set_settings(good);
+                }
+            }
+            Command::SetPolicy { policy, reply } => {
+                let r = if self.frozen {
+                    Err(Error::new(
+                        ErrorKind::Io,
+                        "the scheduling policy is frozen once the first worker is forked or `setup_primary` ran",
+                    ))
+                } else {
+                    self.servers.set_policy(policy);
+                    Ok(())
+                };
+                let _ = reply.send(r);
+            }
+            Command::Respawn { policy, reply } => {
+                self.respawn = policy.map(Respawn::new);
+                let _ = reply.send(());
+            }
+            Command::Heartbeat { heartbeat, reply } => {
+                self.heartbeat = Some((heartbeat, tokio::time::interval(heartbeat.interval)));
+                let _ = reply.send(());
+            }
+            Command::Close => self.close(),
+            Command::Shutdown {
+                grace,
+                owe_exit,
+                exit_after,
+                reply,
+            } => self.shutdown(grace, owe_exit, exit_after, reply),
+        }
+    }
+
+    fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+        self.frozen = true;
+        self.publish();
+        self.events.emit(Event::Setup {
+            settings: self.settings.clone(),
+        });
+    }
+
+    fn start(&mut self) {
+        let n = std::mem::take(&mut self.initial);
+        if n == 0 {
+            return;
+        }
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            match self.fork(&[], false, None) {
+                Ok(w) => ids.push(w.id()),
+                Err(error) => self.events.emit(Event::Error {
+                    worker: None,
+                    error,
+                }),
+            }
+        }
+        self.awaiting_ready = Some(ids);
+        self.check_ready();
+    }
+
+    fn fork(
+        &mut self,
+        env: &[(OsString, OsString)],
+        probation: bool,
+        inherit: Option<u32>,
+    ) -> Result<WorkerRef<W>, Error> {
+        self.frozen = true;
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Some(old) = inherit {
+            // Under `reuseport` the replacement shares the old worker's socket, so connections
+            // the kernel queued there are served, not reset when the old one leaves.
+            self.servers.inherit_slot(id, old);
+        }
+        let mut spawned = match self.launcher.spawn(id, &self.settings, env) {
+            Ok(s) => s,
+            Err(e) => {
+                self.servers.worker_gone(id);
+                self.publish();
+                return Err(e);
+            }
+        };
+        let outbox = channel::spawn_writer(spawned.stream.clone(), self.config.max_frame);
+        let (status, status_rx) = watch::channel(Status {
+            life: Life::Forked,
+            exited_after_disconnect: None,
+            last_error: None,
+        });
+        let shared = WorkerShared::new(
+            id,
+            spawned.pid,
+            outbox,
+            status_rx,
+            spawned.child.stdout.take(),
+            spawned.child.stderr.take(),
+        );
+        let worker = WorkerRef::new(Arc::new(shared));
+        self.entries.insert(
+            id,
+            Entry {
+                worker: worker.clone(),
+                status,
+                settings: self.settings.clone(),
+                said_leaving: false,
+                probation,
+                last_pong: Instant::now(),
+                online_at: None,
+                exit_pending: None,
+            },
+        );
+        self.publish();
+        self.events.emit(Event::Fork {
+            worker: worker.at(WorkerState::None),
+        });
+
+        let reader = ReaderTask {
+            worker: worker.clone(),
+            reader: Reader::new(spawned.stream, self.config.max_frame),
+            events: self.events.clone(),
+            reports: self.reports.clone(),
+            servers: self.servers.clone(),
+            fingerprint: self.fingerprint,
+        };
+        tokio::spawn(reader.run());
+        let reports = self.reports.clone();
+        let mut child = spawned.child;
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => ExitStatus::from_std(s),
+                Err(_) => ExitStatus::Code(-1),
+            };
+            let _ = reports.send(Report::Exited { id, status }).await;
+        });
+        Ok(worker)
+    }
+
+    fn on_report(&mut self, report: Report) {
+        match report {
+            Report::Online { id, ack } => {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    if let Some(life) = e.life().next(Fact::Online) {
+                        let now = Instant::now();
+                        e.status.send_modify(|s| s.life = life);
+                        e.last_pong = now;
+                        e.online_at = Some(now);
+                        // These settings start workers that work: a failed reload returns
+                        // to them.
+                        self.good_settings = Some(e.settings.clone());
+                        self.events.emit(Event::Online {
+                            worker: e.worker.at(life.state()),
+                        });
+                    }
+                }
+                let _ = ack.send(());
+                self.check_ready();
+            }
+            Report::Listening { id, address, ack } => {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    let life = e.life();
+                    // A worker may listen on several servers: one event each.
+                    if let Some(next) = life.next(Fact::Listening) {
+                        e.status.send_modify(|s| s.life = next);
+                    }
+                    let life = e.life();
+                    if life.connected() {
+                        self.events.emit(Event::Listening {
+                            worker: e.worker.at(life.state()),
+                            address,
+                        });
+                    }
+                }
+                let _ = ack.send(());
+                self.check_ready();
+            }
+            Report::Pong { id } => {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.last_pong = Instant::now();
+                }
+            }
+            Report::Fatal { id, message } => {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.status.send_modify(|s| s.last_error = Some(message));
+                }
+            }
+            Report::Disconnecting { id } => {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.said_leaving = true;
+                }
+            }
+            Report::Closed { id, error } => {
+                if let Some(error) = error {
+                    let worker = self.entries.get(&id).map(|e| e.worker.current());
+                    self.events.emit(Event::Error { worker, error });
+                }
+                self.disconnected(id);
+                let pending = self.entries.get(&id).and_then(|e| e.exit_pending);
+                if let Some((status, _)) = pending {
+                    self.exited(id, status);
+                }
+            }
+            Report::Exited { id, status } => {
+                let Some(e) = self.entries.get_mut(&id) else {
+                    return;
+                };
+                if e.life().connected() {
+                    e.exit_pending = Some((status, Instant::now() + EXIT_WAITS_FOR_CHANNEL));
+                } else {
+                    self.exited(id, status);
+                }
+            }
+        }
+    }
+
+    /// The channel of worker `id` closed.
+    fn disconnected(&mut self, id: u32) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let Some(life) = e.life().next(Fact::Disconnected) else {
+            return;
+        };
+        let voluntary = e.voluntary();
+        e.status.send_modify(|s| {
+            s.life = life;
+            s.exited_after_disconnect = Some(voluntary);
+        });
+        e.worker.shared.outbox.abort();
+        let worker = e.worker.at(life.state());
+        self.servers.worker_gone(id);
+        self.events.emit(Event::Disconnect { worker });
+        self.check_ready();
+    }
+
+    /// The process of worker `id` exited, and its channel is closed or waited for long enough.
+    fn exited(&mut self, id: u32, status: ExitStatus) {
+        // A channel that outlived the wait: the worker is gone all the same.
+        self.disconnected(id);
+        let Some(e) = self.entries.remove(&id) else {
+            return;
+        };
+        let voluntary = e.voluntary();
+        let life = e.life().next(Fact::Exited(status)).unwrap_or(Life::Dead(status));
+        e.status.send_modify(|s| {
+            s.life = life;
+            s.exited_after_disconnect = Some(voluntary);
+        });
+        self.events.emit(Event::Exit {
+            worker: e.worker.at(life.state()),
+            status,
+        });
+        // After the last event is queued: a `next_event` that ends the stream once nobody is
+        // left cannot miss it.
+        self.publish();
+        if !(voluntary || e.probation || self.closing) {
+            self.after_crash(&e.worker, status);
+        }
+        self.check_ready();
+        self.check_stopped();
+    }
+
+    /// Applies the respawn policy after an unplanned exit.
+    fn after_crash(&mut self, w: &WorkerRef<W>, status: ExitStatus) {
+        let Some(respawn) = self.respawn.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        match respawn.on_crash(now, w.uptime(), self.entries.len()) {
+            Verdict::RespawnAfter(delay) => {
+                tracing::info!(
+                    worker.id = w.id(),
+                    worker.pid = w.pid(),
+                    delay_ms = delay.as_millis() as u64,
+                    "respawning worker"
+                );
+                self.due_forks.push(now + delay);
+            }
+            Verdict::CrashLoop { crashes } => {
+                let window = respawn.policy().crash_window;
+                self.respawn = None;
+                self.due_forks.clear();
+                let last = w
+                    .last_error()
+                    .unwrap_or_else(|| format!("exited with status {status}"));
+                let message = format!(
+                    "crash loop: {crashes} workers failed within {}s; stopping the cluster. Last error (worker {}): {}",
+                    window.as_secs(),
+                    w.id(),
+                    last.replace('\n', "; ")
+                );
+                self.events.emit(Event::Error {
+                    worker: None,
+                    error: Error::new(ErrorKind::CrashLoop, message.clone()),
+                });
+                self.owe_exit(1, message);
+                self.shutdown(CRASH_LOOP_GRACE, false, true, None);
+            }
+        }
+    }
+
+    fn owe_exit(&mut self, code: i32, message: String) {
+        if self.exit.is_none() {
+            self.exit = Some((code, message));
+            self.publish();
+        }
+    }
+
+    fn close(&mut self) {
+        self.initial = 0;
+        self.closing = true;
+        self.due_forks.clear();
+        for e in self.entries.values() {
+            if e.life().connected() {
+                e.worker.disconnect();
+            }
+        }
+        // Wakes a `next_event` that waits: with no worker left it must now end.
+        self.publish();
+    }
+
+    fn shutdown(
+        &mut self,
+        grace: Duration,
+        owe_exit: bool,
+        exit_after: bool,
+        reply: Option<oneshot::Sender<bool>>,
+    ) {
+        crate::notify::stopping();
+        self.close();
+        let kill_at = Instant::now() + grace;
+        match &mut self.stopping {
+            Some(s) => {
+                // A second, shorter shutdown (a second SIGINT) hurries the first.
+                if kill_at < s.kill_at && s.give_up_at.is_none() {
+                    s.kill_at = kill_at;
+                    s.grace = grace;
+                }
+                s.owe_exit |= owe_exit;
+                s.exit_after |= exit_after;
+                s.replies.extend(reply);
+            }
+            None => {
+                self.stopping = Some(Stopping {
+                    kill_at,
+                    give_up_at: None,
+                    owe_exit,
+                    exit_after,
+                    replies: reply.into_iter().collect(),
+                    grace,
+                })
+            }
+        }
+        self.check_stopped();
+    }
+
+    /// Ends a shutdown once nobody is left.
+    fn check_stopped(&mut self) {
+        if self.entries.is_empty() && self.stopping.is_some() {
+            let clean = self.stopping.as_ref().is_some_and(|s| s.give_up_at.is_none());
+            self.stopped(clean);
+        }
+    }
+
+    fn stopped(&mut self, clean: bool) {
+        let Some(s) = self.stopping.take() else {
+            return;
+        };
+        for r in s.replies {
+            let _ = r.send(clean);
+        }
+        if s.exit_after && self.exit.is_some() {
+            // `main` normally returns now that the event stream ended; if it does not,
+            // exit anyway.
+            self.exit_at = Some(Instant::now() + EXIT_ANYWAY_AFTER);
+        }
+    }
+
+    fn on_heartbeat(&mut self) {
+        let Some((hb, _)) = &self.heartbeat else {
+            return;
+        };
+        let hb = *hb;
+        self.ping_seq += 1;
+        let mut unresponsive = Vec::new();
+        for e in self.entries.values() {
+            let w = &e.worker;
+            match pulse(&hb, e.life(), w.uptime(), e.last_pong.elapsed()) {
+                Pulse::Skip => {}
+                Pulse::Ping => {
+                    let _ = w
+                        .shared
+                        .outbox
+                        .send(&Wire::<()>::Control(Control::Ping(self.ping_seq)), vec![]);
+                }
+                Pulse::NoBoot => unresponsive.push((
+                    w.clone(),
+                    format!(
+                        "worker {} did not come online within {}s of its fork; killing it",
+                        w.id(),
+                        hb.boot_timeout.as_secs()
+                    ),
+                )),
+                Pulse::Silent => unresponsive.push((
+                    w.clone(),
+                    format!(
+                        "worker {} did not answer heartbeats for {}s; killing it",
+                        w.id(),
+                        hb.timeout.as_secs()
+                    ),
+                )),
+            }
+        }
+        for (w, message) in unresponsive {
+            self.events.emit(Event::Error {
+                worker: Some(w.clone()),
+                error: Error::new(ErrorKind::Unresponsive, message),
+            });
+            // The respawn policy, if any, replaces it.
+            let _ = w.kill_with(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// The earliest of the supervisor's own deadlines.
+    fn next_deadline(&self) -> Option<Instant> {
+        let forks = self.due_forks.iter().copied();
+        let exits = self
+            .entries
+            .values()
+            .filter_map(|e| e.exit_pending.map(|(_, at)| at));
+        let ready = self.awaiting_ready.iter().flatten().filter_map(|id| {
+            let e = self.entries.get(id)?;
+            (e.life() == Life::Online)
+                .then_some(e.online_at? + READY_WITHOUT_SERVER + Duration::from_millis(1))
+        });
+        let stop = self
+            .stopping
+            .as_ref()
+            .map(|s| s.give_up_at.unwrap_or(s.kill_at));
+        forks
+            .chain(exits)
+            .chain(ready)
+            .chain(stop)
+            .chain(self.exit_at)
+            .min()
+    }
+
+    fn on_deadline(&mut self) {
+        let now = Instant::now();
+        let due = self.due_forks.iter().filter(|t| **t <= now).count();
+        self.due_forks.retain(|t| *t > now);
+        for _ in 0..due {
+            if self.closing {
+                break;
+            }
+            self.respawns += 1;
+            if let Err(error) = self.fork(&[], false, None) {
+                self.events.emit(Event::Error {
+                    worker: None,
+                    error,
+                });
+            }
+        }
+        let late: Vec<(u32, ExitStatus)> = self
+            .entries
+            .iter()
+            .filter_map(|(id, e)| match e.exit_pending {
+                Some((status, at)) if at <= now => Some((*id, status)),
+                _ => None,
+            })
+            .collect();
+        for (id, status) in late {
+            self.exited(id, status);
+        }
+        self.check_ready();
+        if let Some(s) = &mut self.stopping {
+            match s.give_up_at {
+                None if s.kill_at <= now => {
+                    s.give_up_at = Some(now + REAP_AFTER_KILL);
+                    let (owe, grace) = (s.owe_exit, s.grace);
+                    if owe {
+                        self.owe_exit(
+                            1,
+                            format!(
+                                "shutdown did not finish within {grace:?}; the remaining workers were killed"
+                            ),
+                        );
+                    }
+                    for e in self.entries.values() {
+                        let _ = e.worker.kill_with(nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+                Some(at) if at <= now => self.stopped(false),
+                _ => {}
+            }
+        }
+        if self.exit_at.is_some_and(|at| at <= now) {
+            if let Some((code, message)) = &self.exit {
+                eprintln!("cluster: {message}");
+                std::process::exit(*code);
+            }
+            self.exit_at = None;
+        }
+    }
+
+    /// Tells a service manager we serve once the first workers are ready: listening, or online
+    /// for a moment without a server, or gone.
+    fn check_ready(&mut self) {
+        let Some(ids) = &self.awaiting_ready else {
+            return;
+        };
+        let ready = ids.iter().all(|id| match self.entries.get(id) {
+            None => true,
+            Some(e) => match e.life() {
+                Life::Listening => true,
+                Life::Online => e
+                    .online_at
+                    .is_some_and(|t| t.elapsed() > READY_WITHOUT_SERVER),
+                _ => false,
+            },
+        });
+        if ready {
+            self.awaiting_ready = None;
+            crate::notify::ready();
+        }
+    }
+}
+
+async fn tick(heartbeat: &mut Option<(Heartbeat, Interval)>) {
+    match heartbeat {
+        Some((_, interval)) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

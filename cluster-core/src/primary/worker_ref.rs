@@ -1,0 +1,300 @@
+//! The primary's handle on one worker: a view of the status the supervisor publishes, and the
+//! few actions that need no supervisor (a signal, a frame on the worker's channel).
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::process::{ChildStderr, ChildStdout};
+use tokio::sync::watch;
+
+use super::policy::Life;
+use crate::channel::Outbox;
+use crate::error::{Error, ErrorKind};
+use crate::event::{ExitStatus, WorkerState};
+use crate::message::Message;
+use crate::wire::{Control, Wire};
+
+/// What the supervisor publishes about one worker; it alone writes it.
+#[derive(Debug, Clone)]
+pub(crate) struct Status {
+    pub(crate) life: Life,
+    /// `None` until the worker disconnects or exits; then whether it left on purpose.
+    pub(crate) exited_after_disconnect: Option<bool>,
+    /// What the worker reported just before it exited.
+    pub(crate) last_error: Option<String>,
+}
+
+/// Per-message counters; each has one writer (the reader task, or the sender).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) msgs_in: AtomicU64,
+    pub(crate) msgs_out: AtomicU64,
+    pub(crate) conns: AtomicU64,
+}
+
+pub(crate) struct WorkerShared {
+    pub(crate) id: u32,
+    pub(crate) pid: u32,
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) status: watch::Receiver<Status>,
+    /// Set once by [`WorkerRef::disconnect`]: the user asked this worker to leave. The
+    /// handle owns this fact (the supervisor reads it when the worker goes), so the worker
+    /// leaves [`Primary::workers`](crate::Primary::workers) at the call, without a round trip.
+    pub(crate) leaving: AtomicBool,
+    /// Taken once by the user; a std mutex, held only to move the value out.
+    stdout: Mutex<Option<ChildStdout>>,
+    stderr: Mutex<Option<ChildStderr>>,
+    pub(crate) started: Instant,
+    pub(crate) counters: Counters,
+}
+
+impl WorkerShared {
+    pub(crate) fn new(
+        id: u32,
+        pid: u32,
+        outbox: Arc<Outbox>,
+        status: watch::Receiver<Status>,
+        stdout: Option<ChildStdout>,
+        stderr: Option<ChildStderr>,
+    ) -> Self {
+        WorkerShared {
+            id,
+            pid,
+            outbox,
+            status,
+            leaving: AtomicBool::new(false),
+            stdout: Mutex::new(stdout),
+            stderr: Mutex::new(stderr),
+            started: Instant::now(),
+            counters: Counters::default(),
+        }
+    }
+}
+
+/// The primary's handle on one worker (Node's `Worker` in the primary).
+///
+/// A handle that came with an [`Event`](crate::Event) answers [`state`](Self::state) as of
+/// that event, as Node's handlers (which run at the event) see it: a handler of `Disconnect`
+/// that awaits something first still reads `disconnected`. Handles from
+/// [`Primary::workers`](crate::Primary::workers), [`Primary::fork`](crate::Primary::fork) or
+/// [`current`](Self::current) read the latest state. Every other query is live.
+pub struct WorkerRef<W = ()> {
+    pub(crate) shared: Arc<WorkerShared>,
+    /// The state at the event this handle came with.
+    moment: Option<WorkerState>,
+    _w: PhantomData<fn(W)>,
+}
+
+impl<W> Clone for WorkerRef<W> {
+    fn clone(&self) -> Self {
+        WorkerRef {
+            shared: self.shared.clone(),
+            moment: self.moment,
+            _w: PhantomData,
+        }
+    }
+}
+
+impl<W> PartialEq for WorkerRef<W> {
+    fn eq(&self, other: &Self) -> bool {
+        self.shared.id == other.shared.id
+    }
+}
+
+impl<W> Eq for WorkerRef<W> {}
+
+impl<W> fmt::Debug for WorkerRef<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerRef")
+            .field("id", &self.shared.id)
+            .field("pid", &self.shared.pid)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl<W> WorkerRef<W> {
+    pub(crate) fn new(shared: Arc<WorkerShared>) -> Self {
+        WorkerRef {
+            shared,
+            moment: None,
+            _w: PhantomData,
+        }
+    }
+
+    /// This handle, answering as of an event in state `state`.
+    pub(crate) fn at(&self, state: WorkerState) -> Self {
+        WorkerRef {
+            moment: Some(state),
+            ..self.clone()
+        }
+    }
+
+    /// The same worker, answering with its latest state.
+    pub fn current(&self) -> Self {
+        WorkerRef {
+            moment: None,
+            ..self.clone()
+        }
+    }
+
+    /// The worker's id: 1 for the first worker, never reused.
+    pub fn id(&self) -> u32 {
+        self.shared.id
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.shared.pid
+    }
+
+    /// Where the worker is in its life: as of the event this handle came with, if any (see
+    /// the type's docs), otherwise now.
+    pub fn state(&self) -> WorkerState {
+        self.moment
+            .unwrap_or_else(|| self.shared.status.borrow().life.state())
+    }
+
+    /// Whether the channel is open (Node's `isConnected()`).
+    pub fn is_connected(&self) -> bool {
+        self.shared.status.borrow().life.connected()
+    }
+
+    /// Whether the process has exited (Node's `isDead()`).
+    pub fn is_dead(&self) -> bool {
+        self.shared.status.borrow().life.status().is_some()
+    }
+
+    /// `None` until the worker disconnects or exits; then `Some(true)` when it left on purpose
+    /// (a `disconnect()` from either side, or its own `kill()`), `Some(false)` otherwise.
+    pub fn exited_after_disconnect(&self) -> Option<bool> {
+        self.shared.status.borrow().exited_after_disconnect
+    }
+
+    /// What the worker reported just before it exited: the error its code returned, or its
+    /// panic.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.status.borrow().last_error.clone()
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.shared.status.borrow().life.status()
+    }
+
+    /// How long ago the worker was forked.
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
+    /// Typed messages received from and sent to this worker.
+    pub fn message_counts(&self) -> (u64, u64) {
+        let c = &self.shared.counters;
+        (
+            c.msgs_in.load(Ordering::Relaxed),
+            c.msgs_out.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Completes once the worker's published status satisfies `f` (or the supervisor is
+    /// gone); a wait on the change, never a poll.
+    pub(crate) async fn wait_until(&self, mut f: impl FnMut(&Status) -> bool) {
+        let mut rx = self.shared.status.clone();
+        let _ = rx.wait_for(|s| f(s)).await;
+    }
+
+    /// Whether [`disconnect`](Self::disconnect) was called.
+    pub(crate) fn leaving(&self) -> bool {
+        self.shared.leaving.load(Ordering::Relaxed)
+    }
+
+    /// Asks the worker to close its servers and its channel, and removes it from
+    /// [`Primary::workers`](crate::Primary::workers) at once. Once it is gone,
+    /// `exited_after_disconnect()` is `Some(true)`. Repeated calls do nothing.
+    pub fn disconnect(&self) -> &Self {
+        if !self.is_connected() || self.shared.leaving.swap(true, Ordering::Relaxed) {
+            return self;
+        }
+        let _ = self
+            .shared
+            .outbox
+            .send(&Wire::<()>::Control(Control::Disconnect), vec![]);
+        self
+    }
+
+    /// Sends SIGTERM at once, with no disconnect handshake (Node's `worker.kill()`); afterwards
+    /// `exited_after_disconnect()` is `Some(false)` unless a disconnect came first.
+    pub fn kill(&self) -> Result<(), Error> {
+        self.kill_with(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends `signal` to the worker process at once.
+    pub fn kill_with(&self, signal: nix::sys::signal::Signal) -> Result<(), Error> {
+        if self.is_dead() || self.pid() == 0 {
+            return Err(Error::new(
+                ErrorKind::ChannelClosed,
+                format!("worker {} has already exited", self.id()),
+            ));
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).map_err(|e| {
+            Error::io(
+                ErrorKind::Io,
+                format!("cannot signal worker {}", self.id()),
+                e.into(),
+            )
+        })
+    }
+
+    /// The worker's stdout, when [`Settings::silent`](crate::Settings::silent) was set at
+    /// fork; once.
+    pub fn take_stdout(&self) -> Option<ChildStdout> {
+        self.shared
+            .stdout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The worker's stderr, when [`Settings::silent`](crate::Settings::silent) was set at
+    /// fork; once.
+    pub fn take_stderr(&self) -> Option<ChildStderr> {
+        self.shared
+            .stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+impl<W: Message> WorkerRef<W> {
+    /// Sends a typed message to the worker. Fails when the channel is closed (the worker is
+    /// dead or disconnected) or the message exceeds the frame limit.
+    pub fn send(&self, msg: &W) -> Result<(), Error> {
+        self.send_frame(msg, None)
+    }
+
+    /// Sends a message with a descriptor (a socket, a file) the worker receives with it.
+    pub fn send_with_handle(&self, msg: &W, handle: OwnedFd) -> Result<(), Error> {
+        self.send_frame(msg, Some(handle))
+    }
+
+    fn send_frame(&self, msg: &W, handle: Option<OwnedFd>) -> Result<(), Error> {
+        let wire = Wire::User {
+            msg,
+            handle: handle.is_some(),
+        };
+        self.shared
+            .outbox
+            .send(&wire, handle.into_iter().collect())
+            .map_err(|e| e.into_error(self.id()))?;
+        self.shared
+            .counters
+            .msgs_out
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
