@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
         println!("Primary {} is running", std::process::id());
         // Replace crashed workers; SIGTERM/SIGINT drain them (SIGHUP reloads, SIGTTIN/SIGTTOU
         // scale), then `next_event` gives `None`.
-        cluster.set_respawn(Some(RespawnPolicy::default()));
+        cluster.set_respawn(Some(RespawnPolicy::default())).await;
         cluster.handle_signals(Duration::from_secs(30))?;
         while let Some(event) = cluster.next_event().await {
             match event {

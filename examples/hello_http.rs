@@ -43,8 +43,8 @@ async fn main() -> anyhow::Result<()> {
         );
         // Production defaults: replace crashed workers (with backoff and a crash-loop guard),
         // kill workers that stop answering, and obey SIGTERM/SIGINT/SIGHUP/SIGTTIN/SIGTTOU.
-        cluster.set_respawn(Some(RespawnPolicy::default()));
-        cluster.set_heartbeat(Heartbeat::default());
+        cluster.set_respawn(Some(RespawnPolicy::default())).await;
+        cluster.set_heartbeat(Heartbeat::default()).await;
         cluster.handle_signals(grace)?;
         // SIGUSR2 prints a table of the workers: pid, state, uptime, connections, messages.
         let mut usr2 = signal(SignalKind::user_defined2())?;

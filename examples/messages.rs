@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     #[primary(cluster)]
     {
-        let expected = cluster.workers().len();
+        let expected = cluster.start().await.len();
         // Next expected pong per worker: answers must come back complete and in order.
         let mut next: HashMap<u32, u32> = HashMap::new();
         let mut done = 0;

@@ -119,7 +119,6 @@ impl<P: Message, W: Message> Primary<P, W> {
 
     /// Sends a command and waits for its reply; `None` if the supervisor is gone.
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command<W>) -> Option<T> {
-        self.ensure_started().await;
         let (tx, rx) = oneshot::channel();
         self.inner.commands.send(make(tx)).await.ok()?;
         rx.await.ok()
@@ -198,6 +197,7 @@ impl<P: Message, W: Message> Primary<P, W> {
         probation: bool,
         inherit: Option<u32>,
     ) -> Result<WorkerRef<W>, Error> {
+        self.ensure_started().await;
         self.call(|reply| Command::Fork {
             env,
             probation,

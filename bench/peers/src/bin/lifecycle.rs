@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
                     && worker == current
                 {
                     let t = Instant::now();
-                    current = cluster.fork()?;
+                    current = cluster.fork().await?;
                     break t;
                 }
             };
