@@ -390,3 +390,29 @@ fn uid_and_gid_apply_to_later_forks() {
         l.starts_with("event message id=1 msg=Where {") && l.contains("uid: 0 ")
     });
 }
+
+#[test]
+fn a_handler_reads_the_state_of_its_event_even_after_it_awaits() {
+    let mut p = Proc::start("fixture_moments", &[("CLUSTER_WORKERS", "1")]);
+    let status = p.wait_exit();
+    assert!(status.success(), "fixture failed: {}", p.stderr());
+    let moments: Vec<&str> = p
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("moment "))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        moments,
+        [
+            "moment fork state=none",
+            "moment online state=online",
+            "moment listening state=listening",
+            "moment disconnect state=disconnected",
+            "moment exit state=dead",
+        ],
+        "in {:#?}",
+        p.seen
+    );
+    assert!(p.seen.iter().any(|l| l == "now state=dead"));
+}

@@ -79,6 +79,9 @@ where
 {
     let draining = Arc::new(AtomicBool::new(false));
     let graceful = GracefulShutdown::new();
+    // Connections still open, so the drain waits for the last one to end instead of polling.
+    let (open, _) = tokio::sync::watch::channel(0usize);
+    let open = Arc::new(open);
     while let Some(conn) = listener.next().await {
         let stream = match conn {
             Ok((stream, _)) => stream,
@@ -103,17 +106,18 @@ where
         let conn = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
+        open.send_modify(|n| *n += 1);
+        let open = open.clone();
         tokio::spawn(async move {
             let _ = conn.await;
+            open.send_modify(|n| *n -= 1);
         });
     }
     // The listener closed: the worker is leaving. Answer what comes with `Connection: close`,
     // give idle keep-alive connections a moment to send, then close the rest once idle.
     draining.store(true, Ordering::Relaxed);
-    let deadline = tokio::time::Instant::now() + options.idle_grace;
-    while graceful.count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut left = open.subscribe();
+    let _ = tokio::time::timeout(options.idle_grace, left.wait_for(|n| *n == 0)).await;
     graceful.shutdown().await;
     Ok(())
 }
