@@ -156,6 +156,18 @@ fn skip_rest(input: ParseStream<'_>) -> syn::Result<()> {
     Ok(())
 }
 
+/// The value after `key =`, or an error that shows the form with `example` for the value.
+fn value<'a>(meta: &ParseNestedMeta<'a>, example: &str) -> syn::Result<ParseStream<'a>> {
+    meta.value().map_err(|e| {
+        let path = &meta.path;
+        let key = quote::quote!(#path).to_string();
+        Error::new(
+            e.span(),
+            format!("expected `=` and a value after `{key}`, as in `{key} = {example}`"),
+        )
+    })
+}
+
 /// Whether the value that follows has the shape of a `messages(..)` list or a `crate = ".."`
 /// string: an unknown key written so may be a misspelt one of those.
 fn looks_like_types(input: ParseStream<'_>) -> bool {
@@ -272,7 +284,7 @@ impl MainArgs {
             let ty = keys
                 .check(&inner)
                 .map_err(Rejected::into_error)
-                .and_then(|direction| Ok((direction, inner.value()?.parse::<Type>()?)));
+                .and_then(|direction| Ok((direction, value(&inner, "T")?.parse::<Type>()?)));
             match ty {
                 Ok((Direction::ToPrimary, ty)) => self.to_primary = Some(ty),
                 Ok((Direction::ToWorker, ty)) => self.to_worker = Some(ty),
@@ -294,7 +306,7 @@ impl MainArgs {
 
 fn parse_workers(meta: &ParseNestedMeta<'_>) -> syn::Result<Spanned<Workers>> {
     let expected = "expected `workers = \"auto\"` or an integer of at least 1, as in `workers = 4`";
-    let value = meta.value()?;
+    let value = value(meta, "4")?;
     if value.peek(LitStr) {
         let s: LitStr = value.parse()?;
         let text = s.value();
@@ -334,7 +346,7 @@ fn parse_workers(meta: &ParseNestedMeta<'_>) -> syn::Result<Spanned<Workers>> {
 }
 
 fn parse_scheduling(meta: &ParseNestedMeta<'_>) -> syn::Result<Spanned<Scheduling>> {
-    let e: syn::Expr = meta.value()?.parse()?;
+    let e: syn::Expr = value(meta, "\"shared\"")?.parse()?;
     let syn::Expr::Lit(syn::ExprLit {
         lit: syn::Lit::Str(s),
         ..
@@ -367,7 +379,7 @@ fn parse_scheduling(meta: &ParseNestedMeta<'_>) -> syn::Result<Spanned<Schedulin
 /// The path of `crate = "path"`. On error, the path still, when the user wrote one but not as a
 /// string: the expansion can use it, so the only error is the form of the argument.
 fn parse_crate(meta: &ParseNestedMeta<'_>) -> Result<Path, (Error, Option<Path>)> {
-    let value = meta.value().map_err(|e| (e, None))?;
+    let value = value(meta, "\"my_cluster\"").map_err(|e| (e, None))?;
     if !value.peek(LitStr) {
         let e: syn::Expr = value.parse().map_err(|e| (e, None))?;
         let error = Error::new_spanned(
@@ -441,4 +453,119 @@ pub fn parse_message(tokens: TokenStream, errors: &mut Errors) -> MessageArgs {
         args.crate_known = false;
     }
     args
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::*;
+
+    /// The parsed arguments and the messages of their errors.
+    fn main_args(tokens: TokenStream) -> (MainArgs, Vec<String>) {
+        let mut errors = Errors::default();
+        let args = parse_main(tokens, &mut errors);
+        let messages = errors
+            .into_error()
+            .map(|e| e.into_iter().map(|e| e.to_string()).collect())
+            .unwrap_or_default();
+        (args, messages)
+    }
+
+    #[test]
+    fn typed_values() {
+        let (args, errors) = main_args(quote!(
+            workers = 3,
+            scheduling = "reuseport",
+            messages(to_primary = P, to_worker = W),
+            crate = "my_cluster"
+        ));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(args.workers.is_some_and(|w| w.value == Workers::Count(3)));
+        assert!(
+            args.scheduling
+                .is_some_and(|s| s.value == Scheduling::ReusePort)
+        );
+        assert!(args.to_primary.is_some() && args.to_worker.is_some());
+        assert!(args.krate.is_some_and(|p| p.is_ident("my_cluster")));
+        assert!(args.types_known);
+    }
+
+    #[test]
+    fn one_error_per_mistake_and_the_rest_still_parsed() {
+        let (args, errors) = main_args(quote!(
+            workers 4,
+            threads = 4,
+            scheduling = "random",
+            messages(to_primary = P)
+        ));
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].contains("expected `=` and a value after `workers`"));
+        assert!(errors[1].contains("unknown argument `threads`"));
+        assert!(errors[2].contains("unknown scheduling policy"));
+        assert!(args.workers.is_none());
+        assert!(args.scheduling.is_none());
+        assert!(args.to_primary.is_some());
+        assert!(args.types_known);
+    }
+
+    #[test]
+    fn duplicates_keep_the_first() {
+        let (args, errors) = main_args(quote!(workers = 1, workers = 2));
+        assert_eq!(errors, ["duplicate argument `workers`; remove one of them"]);
+        assert!(args.workers.is_some_and(|w| w.value == Workers::Count(1)));
+        assert!(args.types_known);
+    }
+
+    #[test]
+    fn types_unknown_when_messages_or_crate_may_be_lost() {
+        for tokens in [
+            quote!(messages = P),
+            quote!(messages(to_workers = W)),
+            quote!(messages(to_primary = 4)),
+            quote!(messages(to_primary = P), messages(to_worker = W)),
+            quote!(message(to_primary = P)),
+            quote!(krate = "my_cluster"),
+            quote!(crate = "not a path"),
+            quote!(crate = 4),
+            quote!(4),
+        ] {
+            let (args, errors) = main_args(tokens.clone());
+            assert!(!errors.is_empty(), "{tokens}");
+            assert!(!args.types_known, "{tokens}");
+        }
+    }
+
+    #[test]
+    fn types_known_when_only_values_are_wrong() {
+        for tokens in [
+            quote!(workers = "lots"),
+            quote!(workers = WORKERS),
+            quote!(scheduling = RoundRobin),
+            quote!(threads = 4),
+            // The path is what the user meant; only its form is wrong.
+            quote!(crate = my_cluster),
+        ] {
+            let (args, errors) = main_args(tokens.clone());
+            assert_eq!(errors.len(), 1, "{tokens}: {errors:?}");
+            assert!(args.types_known, "{tokens}");
+        }
+    }
+
+    #[test]
+    fn message_arguments() {
+        let parse = |tokens: TokenStream| {
+            let mut errors = Errors::default();
+            let args = parse_message(tokens, &mut errors);
+            (args, errors.is_empty())
+        };
+        let (args, ok) = parse(quote!(crate = "my_cluster"));
+        assert!(ok && args.crate_known && args.krate.is_some());
+        let (args, ok) = parse(quote!(crate = my_cluster));
+        assert!(!ok && args.crate_known && args.krate.is_some());
+        let (args, ok) = parse(quote!(serde = "::serde"));
+        assert!(!ok && !args.crate_known);
+        let (args, ok) = parse(quote!(threads = 4));
+        assert!(!ok && args.crate_known && args.krate.is_none());
+    }
 }

@@ -240,3 +240,161 @@ pub fn message(input: MessageInput) -> Result<Message, Invalid<MessageRecovery>>
     };
     Err(Invalid { error, recovery })
 }
+
+#[cfg(test)]
+mod tests {
+    use proc_macro2::TokenStream;
+    use quote::quote;
+
+    use super::*;
+
+    fn validate(args: TokenStream, item: TokenStream) -> Result<Main, Invalid<MainRecovery>> {
+        let Ok(input) = MainInput::parse(args, item) else {
+            panic!("not a function");
+        };
+        main(input)
+    }
+
+    fn errors(invalid: &Invalid<MainRecovery>) -> Vec<String> {
+        invalid
+            .error
+            .clone()
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn valid() {
+        let main = validate(
+            quote!(workers = 2),
+            quote!(
+                async fn main() {
+                    #[primary(c)]
+                    {}
+                    #[worker]
+                    {}
+                }
+            ),
+        );
+        assert!(main.is_ok());
+    }
+
+    #[test]
+    fn wrong_arguments_only_expand_with_defaults() {
+        let Err(invalid) = validate(
+            quote!(workers = 0, scheduling = "random"),
+            quote!(
+                async fn main() {
+                    #[primary(c)]
+                    {}
+                    #[worker]
+                    {}
+                }
+            ),
+        ) else {
+            panic!("valid");
+        };
+        assert_eq!(errors(&invalid).len(), 2);
+        let MainRecovery::Defaults(main) = invalid.recovery else {
+            panic!("not expanded with defaults");
+        };
+        assert!(main.args.workers.is_none() && main.args.scheduling.is_none());
+    }
+
+    #[test]
+    fn wrong_body_or_unknown_types_give_a_stub() {
+        for (args, item) in [
+            (
+                quote!(),
+                quote!(
+                    fn main() {
+                        #[primary]
+                        {}
+                        #[worker]
+                        {}
+                    }
+                ),
+            ),
+            (
+                quote!(),
+                quote!(
+                    async fn main() {
+                        #[primary]
+                        {}
+                    }
+                ),
+            ),
+            (
+                quote!(),
+                quote!(
+                    async fn main() {
+                        #[primary]
+                        {
+                            #[on(nonsense)]
+                            async fn f() {}
+                        }
+                        #[worker]
+                        {}
+                    }
+                ),
+            ),
+            (
+                quote!(messages(to_workers = W)),
+                quote!(
+                    async fn main() {
+                        #[primary]
+                        {}
+                        #[worker]
+                        {}
+                    }
+                ),
+            ),
+        ] {
+            let Err(invalid) = validate(args.clone(), item.clone()) else {
+                panic!("valid: {args} {item}");
+            };
+            assert!(
+                matches!(invalid.recovery, MainRecovery::Stub(_)),
+                "{args} {item}"
+            );
+        }
+    }
+
+    #[test]
+    fn independent_errors_together_arguments_first() {
+        let Err(invalid) = validate(
+            quote!(workers = 0, threads = 4),
+            quote!(
+                fn main<T>(port: u16) {
+                    #[primary]
+                    {
+                        #[on(online)]
+                        fn a() {}
+                        #[on(online)]
+                        async fn b() {}
+                    }
+                    #[primary]
+                    {}
+                }
+            ),
+        ) else {
+            panic!("valid");
+        };
+        let errors = errors(&invalid);
+        let expected = [
+            "unknown argument `threads`",
+            "`workers` must be at least 1",
+            "requires an `async fn`",
+            "cannot be generic",
+            "takes no parameters",
+            "an `#[on(online)]` handler must be an `async fn`",
+            "duplicate `#[primary]` block",
+            "missing `#[worker] { .. }` block",
+        ];
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+        for (e, x) in errors.iter().zip(expected) {
+            assert!(e.contains(x), "{e:?} lacks {x:?}");
+        }
+    }
+}
