@@ -291,7 +291,7 @@ pub struct MessageInput {
     pub item: Item,
     pub ident: Ident,
     pub generics: Generics,
-    pub errors: Errors,
+    pub arg_errors: Errors,
 }
 
 impl MessageInput {
@@ -321,14 +321,14 @@ impl MessageInput {
                 });
             }
         };
-        let mut errors = Errors::default();
-        let args = args::parse_message(args, &mut errors);
+        let mut arg_errors = Errors::default();
+        let args = args::parse_message(args, &mut arg_errors);
         Ok(MessageInput {
             args,
             item: parsed,
             ident,
             generics,
-            errors,
+            arg_errors,
         })
     }
 }

@@ -208,7 +208,7 @@ pub fn message(input: MessageInput) -> Result<Message, Invalid<MessageRecovery>>
         item,
         ident,
         generics,
-        errors: arg_errors,
+        arg_errors,
     } = input;
     let mut type_errors = Errors::default();
     if !generics.params.is_empty() {

@@ -84,7 +84,11 @@ async fn main() {
         }
 
         #[on(error)]
-        async fn on_error(_: &Primary<Listening>, worker: Option<WorkerRef>, error: cluster::Error) {
+        async fn on_error(
+            _: &Primary<Listening>,
+            worker: Option<WorkerRef>,
+            error: cluster::Error,
+        ) {
             eprintln!("error from {:?}: {error}", worker.map(|w| w.id()));
             saw(ERROR);
         }

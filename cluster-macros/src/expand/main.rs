@@ -152,7 +152,10 @@ fn config(krate: &Krate, args: &MainArgs) -> TokenStream {
 }
 
 // Input:  #[primary(cluster)] { stmts; #[on(exit)] async fn on_exit(..) {} }
-// Output: if let Option::Some(cluster) = ctx.take_primary() { stmts; async fn on_exit(..) {} loop }
+// Output: if let Option::Some(cluster) = ctx.take_primary() {
+//             stmts; #[allow(clippy::unused_async)] async fn on_exit(..) {}
+//             while let Some(ev) = cluster.next_event().await { .. }   // with handlers only
+//         }
 fn branch(krate: &Krate, ctx: &Ident, b: &Branch) -> TokenStream {
     let option = krate.option();
     let take = match b.role {
@@ -205,7 +208,12 @@ fn branch(krate: &Krate, ctx: &Ident, b: &Branch) -> TokenStream {
 
 // Input:  #[on(exit)] async fn on_exit(..)
 // Output: while let Some(ev) = cluster.next_event().await {
-//             match ev { Event::Exit { worker: w, status: s, .. } => { report(on_exit(&cluster, w, s).await, "on_exit"); } _ => {} }
+//             match ev {
+//                 Event::Exit { worker: w, status: s, .. } => {
+//                     HandlerOutput::report(on_exit(&cluster, w, s).await, "on_exit");
+//                 }
+//                 _ => {}
+//             }
 //         }
 //
 // Each call carries the handler's span and each argument the span of the event's name in
