@@ -2,76 +2,67 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
-use syn::{Expr, Ident, Item, ItemFn, Stmt};
+use syn::{Expr, Ident, Item, Stmt};
 
-use crate::args::{self, MainArgs, WorkersArg};
-use crate::model::{self, Branch, EVENTS, Part, Role};
+use crate::args::{MainArgs, Scheduling, Workers};
+use crate::errors::{Failure, Invalid};
+use crate::model::{Body, Branch, Part, Role};
 use crate::paths::Krate;
+use crate::validate::{Main, MainRecovery};
 
-pub fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
-    let func: ItemFn = match syn::parse2(item.clone()) {
-        Ok(f) => f,
-        Err(e) => {
-            let err = e.to_compile_error();
-            return quote!(#err #item);
-        }
+/// The errors, then `main` expanded with defaults for the wrong arguments, or a stub.
+pub fn recover(invalid: Invalid<MainRecovery>) -> Failure {
+    let tokens = match invalid.recovery {
+        MainRecovery::Defaults(main) => expand(&main),
+        MainRecovery::Stub(body) => stub(&body),
     };
-    let stub = stub(&func);
-    try_expand(args, func).unwrap_or_else(|e| {
-        let err = e.to_compile_error();
-        quote!(#err #stub)
-    })
-}
-
-fn try_expand(args: TokenStream, func: ItemFn) -> syn::Result<TokenStream> {
-    // Both halves are checked before either error is returned, so every mistake shows in one
-    // build.
-    let (args, model) = both(args::parse_main(args), model::build(func))?;
-    Ok(generate(&args, model))
-}
-
-fn both<A, B>(a: syn::Result<A>, b: syn::Result<B>) -> syn::Result<(A, B)> {
-    match (a, b) {
-        (Ok(a), Ok(b)) => Ok((a, b)),
-        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
-        (Err(mut e), Err(more)) => {
-            e.combine(more);
-            Err(e)
-        }
+    Failure {
+        error: invalid.error,
+        tokens,
     }
 }
 
-/// What is emitted after the errors: a `fn main` with the user's name and attributes, so the
-/// user does not also see "`main` function not found", holding the items of the body (handlers,
-/// `use` declarations, helper functions) without their `#[on(..)]`, so that what the body uses
-/// is not also reported as unused.
-fn stub(func: &ItemFn) -> TokenStream {
-    let attrs = &func.attrs;
-    let vis = &func.vis;
-    let ident = &func.sig.ident;
-    let mut items = Vec::new();
-    for stmt in &func.block.stmts {
-        match stmt {
-            Stmt::Item(item) => items.push(item.clone()),
-            Stmt::Expr(Expr::Block(b), _) => {
-                items.extend(b.block.stmts.iter().filter_map(|s| match s {
-                    Stmt::Item(item) => Some(item.clone()),
-                    _ => None,
-                }));
-            }
-            _ => {}
+// Input:
+//   #[cluster::main(workers = 2)] async fn main() { a; #[primary(c)] { fn x() {} b } }
+// Output:
+//   #[allow(dead_code)] fn main() { fn x() {} }
+//
+// A `fn main` with the user's name and attributes, so the user does not also see "`main`
+// function not found", holding the items of the body (handlers, `use` declarations, helper
+// functions), so that what the body uses is not also reported as unused.
+fn stub(body: &Body) -> TokenStream {
+    fn items(stmts: &[Stmt]) -> impl Iterator<Item = &Item> {
+        stmts.iter().filter_map(|s| match s {
+            Stmt::Item(item) => Some(item),
+            _ => None,
+        })
+    }
+    let mut kept: Vec<Item> = Vec::new();
+    for part in &body.parts {
+        match part {
+            Part::Shared(stmt) => match &**stmt {
+                Stmt::Item(item) => kept.push(item.clone()),
+                Stmt::Expr(Expr::Block(b), _) => kept.extend(items(&b.block.stmts).cloned()),
+                _ => {}
+            },
+            Part::Branch(b) => kept.extend(items(&b.block.stmts).cloned()),
         }
     }
-    for item in &mut items {
+    // A stray `#[on(..)]` outside a role block; its error is rustc's on the real expansion.
+    for item in &mut kept {
         if let Item::Fn(f) = item {
             f.attrs.retain(|a| !a.path().is_ident("on"));
         }
     }
+    let func = &body.func;
+    let attrs = &func.attrs;
+    let vis = &func.vis;
+    let ident = &func.sig.ident;
     quote! {
         #(#attrs)*
         #[allow(dead_code)]
         #vis fn #ident() {
-            #(#items)*
+            #(#kept)*
         }
     }
 }
@@ -90,7 +81,8 @@ fn stub(func: &ItemFn) -> TokenStream {
 //       }
 //       run::<P, (), _, _>(Config { workers: Workers::Count(4), .. }, __cluster_main)
 //   }
-fn generate(args: &MainArgs, model: model::Model) -> TokenStream {
+pub fn expand(main: &Main) -> TokenStream {
+    let args = &main.args;
     let (import, krate) = Krate(args.krate.clone()).import();
     let ctx = Ident::new("__cluster_ctx", Span::mixed_site());
     let inner = Ident::new("__cluster_main", Span::mixed_site());
@@ -101,23 +93,15 @@ fn generate(args: &MainArgs, model: model::Model) -> TokenStream {
         .map_or(unit.clone(), |t| quote!(#t));
     let w_ty = args.to_worker.as_ref().map_or(unit, |t| quote!(#t));
 
-    let mut body = Vec::new();
-    for part in &model.parts {
-        match part {
-            Part::Shared(stmt) => body.push(quote!(#stmt)),
-            Part::Branch(Role::Primary) => {
-                body.push(branch(&krate, &ctx, &model.primary, Role::Primary))
-            }
-            Part::Branch(Role::Worker) => {
-                body.push(branch(&krate, &ctx, &model.worker, Role::Worker))
-            }
-        }
-    }
+    let body = main.body.parts.iter().map(|part| match part {
+        Part::Shared(stmt) => quote!(#stmt),
+        Part::Branch(b) => branch(&krate, &ctx, b),
+    });
 
     let config = config(&krate, args);
     let run = krate.run();
     let context = krate.context();
-    let func = &model.func;
+    let func = &main.body.func;
     let attrs = &func.attrs;
     let vis = &func.vis;
     let ident = &func.sig.ident;
@@ -135,27 +119,46 @@ fn generate(args: &MainArgs, model: model::Model) -> TokenStream {
     }
 }
 
+// Input:  workers = 4, scheduling = "shared"
+// Output: Config { workers: Workers::Count(4), scheduling: SchedulingPolicy::Shared, ..default() }
+//
+// The variants carry the span of the user's value, so a lint about one (a deprecated policy)
+// points at the argument.
 fn config(krate: &Krate, args: &MainArgs) -> TokenStream {
     let cfg = krate.config();
     let workers_path = krate.workers();
     let sched = krate.scheduling();
     let workers = match &args.workers {
-        Some((WorkersArg::Count(n), _)) => quote!(#workers_path::Count(#n)),
-        _ => quote!(#workers_path::Auto),
+        Some(w) => match w.value {
+            Workers::Count(n) => quote_spanned!(w.span=> #workers_path::Count(#n)),
+            Workers::Auto => quote_spanned!(w.span=> #workers_path::Auto),
+        },
+        None => quote!(#workers_path::Auto),
     };
-    let scheduling = match args.scheduling.as_ref().map(|(s, _)| s.as_str()) {
-        Some("shared") => quote!(#sched::Shared),
-        Some("reuseport") => quote!(#sched::ReusePort),
-        _ => quote!(#sched::RoundRobin),
+    let scheduling = match &args.scheduling {
+        Some(s) => {
+            let variant = match s.value {
+                Scheduling::RoundRobin => format_ident!("RoundRobin", span = s.span),
+                Scheduling::Shared => format_ident!("Shared", span = s.span),
+                Scheduling::ReusePort => format_ident!("ReusePort", span = s.span),
+            };
+            quote!(#sched::#variant)
+        }
+        None => quote!(#sched::RoundRobin),
     };
     quote! {
         #cfg { workers: #workers, scheduling: #scheduling, ..::core::default::Default::default() }
     }
 }
 
-fn branch(krate: &Krate, ctx: &Ident, b: &Branch, role: Role) -> TokenStream {
+// Input:  #[primary(cluster)] { stmts; #[on(exit)] async fn on_exit(..) {} }
+// Output: if let Option::Some(cluster) = ctx.take_primary() {
+//             stmts; #[allow(clippy::unused_async)] async fn on_exit(..) {}
+//             while let Some(ev) = cluster.next_event().await { .. }   // with handlers only
+//         }
+fn branch(krate: &Krate, ctx: &Ident, b: &Branch) -> TokenStream {
     let option = krate.option();
-    let take = match role {
+    let take = match b.role {
         Role::Primary => format_ident!("take_primary"),
         Role::Worker => format_ident!("take_worker"),
     };
@@ -168,7 +171,20 @@ fn branch(krate: &Krate, ctx: &Ident, b: &Branch, role: Role) -> TokenStream {
         }
         None => quote!(_),
     };
-    let stmts = &b.block.stmts;
+    // Handlers must be `async` to be awaited by the loop, even those that await nothing.
+    let stmts: Vec<TokenStream> = b
+        .block
+        .stmts
+        .iter()
+        .enumerate()
+        .map(|(i, stmt)| {
+            if b.handlers.iter().any(|h| h.stmt == i) {
+                quote!(#[allow(clippy::unused_async)] #stmt)
+            } else {
+                quote!(#stmt)
+            }
+        })
+        .collect();
     if !needs_name {
         return quote! {
             if let #option::Some(#binding) = #ctx.#take() {
@@ -178,30 +194,38 @@ fn branch(krate: &Krate, ctx: &Ident, b: &Branch, role: Role) -> TokenStream {
     }
     // The loop follows the user's statements in the same block, so the handlers stay in scope;
     // a trailing expression (of type `()`, as the block's value is discarded) needs a `;` then.
-    let (last, init) = match stmts.split_last() {
-        Some((Stmt::Expr(e, None), init)) => (quote!(#e;), init),
-        _ => (quote!(), stmts.as_slice()),
-    };
+    let trailing = matches!(b.block.stmts.last(), Some(Stmt::Expr(_, None)));
+    let semi = trailing.then(|| quote!(;));
     let dispatch = dispatch(krate, &binding, b);
     quote! {
         if let #option::Some(#binding) = #ctx.#take() {
-            #(#init)*
-            #last
+            #(#stmts)*
+            #semi
             #dispatch
         }
     }
 }
 
-/// The event loop that calls the `#[on(..)]` handlers. Each call carries the handler's span and
-/// each argument the span of the event's name in `#[on(..)]`, so a handler whose parameters do
-/// not fit its event is an error on the handler that points at the event.
+// Input:  #[on(exit)] async fn on_exit(..)
+// Output: while let Some(ev) = cluster.next_event().await {
+//             match ev {
+//                 Event::Exit { worker: w, status: s, .. } => {
+//                     HandlerOutput::report(on_exit(&cluster, w, s).await, "on_exit");
+//                 }
+//                 _ => {}
+//             }
+//         }
+//
+// Each call carries the handler's span and each argument the span of the event's name in
+// `#[on(..)]`, so a handler whose parameters do not fit its event is an error on the handler
+// that points at the event.
 fn dispatch(krate: &Krate, primary: &TokenStream, b: &Branch) -> TokenStream {
     let event = krate.event();
     let output = krate.handler_output();
     let ev = Ident::new("__cluster_event", Span::mixed_site());
     let arms = b.handlers.iter().map(|h| {
-        let (_, variant, fields) = EVENTS[h.event];
-        let variant = Ident::new(variant, Span::call_site());
+        let variant = Ident::new(h.event.variant(), Span::call_site());
+        let fields = h.event.fields();
         let names: Vec<Ident> = fields
             .iter()
             .map(|f| Ident::new(f, Span::call_site()))
@@ -211,7 +235,7 @@ fn dispatch(krate: &Krate, primary: &TokenStream, b: &Branch) -> TokenStream {
             .iter()
             .map(|f| Ident::new(&format!("__cluster_{f}"), at_event))
             .collect();
-        let f = &h.ident;
+        let f = &h.sig.ident;
         let fname = f.to_string();
         let call = quote_spanned! {f.span()=>
             #output::report(#f(&#primary, #(#locals),*).await, #fname)

@@ -1,0 +1,7 @@
+#[cluster::main(workers 4, scheduling = "shared")]
+async fn main() {
+    #[primary]
+    {}
+    #[worker]
+    {}
+}
