@@ -94,7 +94,7 @@ async fn main() {
         }
 
         // Queues the `setup` event before the loop starts.
-        cluster.setup_primary(|s| s.silent = false);
+        cluster.setup_primary(|s| s.silent = false).await;
     }
     #[worker(worker)]
     {
