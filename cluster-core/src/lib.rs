@@ -48,9 +48,9 @@ mod worker;
 
 pub use config::{Config, Flavor, Heartbeat, RespawnPolicy, SchedulingPolicy, Settings, Workers};
 pub use error::{Error, ErrorKind, Result};
-pub use event::{Event, ExitStatus, WorkerState};
+pub use event::{ExitStatus, WorkerState};
 pub use message::{FNV_OFFSET, Message, fnv1a};
-pub use primary::{Primary, Stats, WorkerRef, WorkerStats};
+pub use primary::{Event, Primary, Stats, WorkerRef, WorkerStats};
 pub use run::{Context, Outcome, Role, WORKER_ID_VAR, is_primary, is_worker, run, worker_id};
 pub use worker::Worker;
 

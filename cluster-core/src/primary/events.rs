@@ -10,11 +10,16 @@
 //!   (which the crash-loop guard stops).
 
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::event::Event;
+use super::worker_ref::WorkerRef;
+use crate::config::Settings;
+use crate::error::Error;
+use crate::event::ExitStatus;
+use crate::net::ListenAddress;
 
 /// How many user messages may wait unread in the primary before the readers stop reading.
 pub(crate) const MESSAGE_LIMIT: usize = 16 * 1024;
@@ -22,6 +27,93 @@ pub(crate) const MESSAGE_LIMIT: usize = 16 * 1024;
 /// Permits handed back to the readers at once, so the hot path does not touch the semaphore
 /// per message.
 const RELEASE_BATCH: usize = 256;
+
+/// What happened in the cluster, in Node's order for each worker:
+/// `Fork`, `Online`, `Listening` (once per server), then `Disconnect` and `Exit`.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event<P = (), W = ()> {
+    /// A worker process was started.
+    Fork {
+        /// The worker.
+        worker: WorkerRef<W>,
+    },
+    /// The worker's runtime started and passed the handshake; user code runs next.
+    Online {
+        /// The worker.
+        worker: WorkerRef<W>,
+    },
+    /// A server in the worker is listening.
+    Listening {
+        /// The worker.
+        worker: WorkerRef<W>,
+        /// Where it listens; the real port, also for port 0.
+        address: ListenAddress,
+    },
+    /// The channel to the worker has closed.
+    Disconnect {
+        /// The worker.
+        worker: WorkerRef<W>,
+    },
+    /// The worker process has exited and was reaped.
+    Exit {
+        /// The worker.
+        worker: WorkerRef<W>,
+        /// Its exit code or the signal that ended it.
+        status: ExitStatus,
+    },
+    /// A typed message from a worker.
+    Message {
+        /// The sender.
+        worker: WorkerRef<W>,
+        /// The message.
+        msg: P,
+        /// A descriptor sent with it, if any.
+        handle: Option<OwnedFd>,
+    },
+    /// Something went wrong with a worker (a broken frame, a refused handshake) or in the primary.
+    Error {
+        /// The worker concerned, if any.
+        worker: Option<WorkerRef<W>>,
+        /// What went wrong.
+        error: Error,
+    },
+    /// The settings changed through [`Primary::setup_primary`](crate::Primary::setup_primary).
+    Setup {
+        /// The settings now in force for later forks.
+        settings: Settings,
+    },
+}
+
+impl<P, W> Event<P, W> {
+    /// The worker the event is about, if any.
+    pub fn worker(&self) -> Option<&WorkerRef<W>> {
+        match self {
+            Event::Fork { worker }
+            | Event::Online { worker }
+            | Event::Listening { worker, .. }
+            | Event::Disconnect { worker }
+            | Event::Exit { worker, .. }
+            | Event::Message { worker, .. } => Some(worker),
+            Event::Error { worker, .. } => worker.as_ref(),
+            Event::Setup { .. } => None,
+        }
+    }
+
+    /// The event's name as Node spells it (`"fork"`, `"online"`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Fork { .. } => "fork",
+            Event::Online { .. } => "online",
+            Event::Listening { .. } => "listening",
+            Event::Disconnect { .. } => "disconnect",
+            Event::Exit { .. } => "exit",
+            Event::Message { .. } => "message",
+            Event::Error { .. } => "error",
+            Event::Setup { .. } => "setup",
+        }
+    }
+}
 
 /// What travels to `next_event`: one event, or the messages decoded from one read of a
 /// worker's channel, handed over at once (one wake-up for the consumer).

@@ -34,7 +34,8 @@ use supervisor::{COMMANDS, Command, REPORTS, Supervisor, View};
 
 use crate::config::{Config, Heartbeat, RespawnPolicy, SchedulingPolicy, Settings};
 use crate::error::{Error, ErrorKind};
-use crate::event::{Event, WorkerState};
+pub use events::Event;
+use crate::event::WorkerState;
 use crate::message::{Message, pair_fingerprint};
 use crate::servers::Servers;
 

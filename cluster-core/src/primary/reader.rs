@@ -12,7 +12,7 @@ use super::events::EventTx;
 use super::worker_ref::WorkerRef;
 use crate::channel::{Incoming, Reader};
 use crate::error::{Error, ErrorKind};
-use crate::event::Event;
+use super::events::Event;
 use crate::message::Message;
 use crate::net::ListenAddress;
 use crate::servers::Servers;

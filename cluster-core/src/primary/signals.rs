@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::Primary;
-use crate::event::Event;
+use super::events::Event;
 use crate::message::Message;
 
 /// Listens for the signals [`Primary::handle_signals`] documents and acts on them through
