@@ -31,6 +31,7 @@ compile_error!(
 
 mod channel;
 mod config;
+mod dispatch;
 mod error;
 mod event;
 pub mod frame;
@@ -38,11 +39,11 @@ pub mod frame;
 pub mod http;
 mod message;
 pub mod net;
-mod notify;
 mod primary;
 mod run;
-mod servers;
+mod socket;
 mod sys;
+mod systemd;
 mod wire;
 mod worker;
 

@@ -35,7 +35,7 @@ impl Role {
     pub fn detect() -> Result<Role, String> {
         let Some(raw) = std::env::var_os(WORKER_ID_VAR) else {
             // SAFETY: `detect` runs before the runtime starts, while the process has one thread.
-            unsafe { crate::notify::take_from_env() };
+            unsafe { crate::systemd::take_from_env() };
             return Ok(Role::Primary);
         };
         // SAFETY: `detect` runs before the runtime starts, while the process has one thread.

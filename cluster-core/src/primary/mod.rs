@@ -33,11 +33,11 @@ use events::Inbox;
 use supervisor::{COMMANDS, Command, REPORTS, Supervisor, View};
 
 use crate::config::{Config, Heartbeat, RespawnPolicy, SchedulingPolicy, Settings};
+use crate::dispatch::Servers;
 use crate::error::{Error, ErrorKind};
-pub use events::Event;
 use crate::event::WorkerState;
 use crate::message::{Message, pair_fingerprint};
-use crate::servers::Servers;
+pub use events::Event;
 
 /// The primary's handle on the cluster: fork workers, list them, read events, disconnect.
 ///
@@ -79,7 +79,10 @@ impl<P, W> fmt::Debug for Primary<P, W> {
 
 /// The supervisor is gone: only when the runtime is shutting down.
 fn gone() -> Error {
-    Error::new(ErrorKind::ChannelClosed, "the cluster's supervisor has stopped")
+    Error::new(
+        ErrorKind::ChannelClosed,
+        "the cluster's supervisor has stopped",
+    )
 }
 
 impl<P: Message, W: Message> Primary<P, W> {
@@ -379,9 +382,9 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// the old one and waits for its exit (SIGKILL after `grace`). When a replacement fails to
     /// start within `grace`, the reload stops with an error and the old workers keep serving.
     pub async fn reload(&self, grace: Duration) -> Result<(), Error> {
-        crate::notify::reloading();
+        crate::systemd::notify::reloading();
         let result = self.reload_each(grace).await;
-        crate::notify::ready();
+        crate::systemd::notify::ready();
         result
     }
 
@@ -403,12 +406,10 @@ impl<P: Message, W: Message> Primary<P, W> {
                 let state = s.life.state();
                 state == WorkerState::Listening || (!listening && state == WorkerState::Online)
             };
-            let settled = tokio::time::timeout(
-                grace,
-                new.wait_until(|s| !s.life.connected() || ready(s)),
-            )
-            .await
-            .is_ok();
+            let settled =
+                tokio::time::timeout(grace, new.wait_until(|s| !s.life.connected() || ready(s)))
+                    .await
+                    .is_ok();
             if !(settled && ready(&new.shared.status.borrow())) {
                 let _ = new.kill_with(nix::sys::signal::Signal::SIGKILL);
                 // Respawns must not use the build that just failed: back to the settings of
@@ -422,7 +423,11 @@ impl<P: Message, W: Message> Primary<P, W> {
                     ),
                 ));
             }
-            let _ = self.inner.commands.send(Command::Trust { id: new.id() }).await;
+            let _ = self
+                .inner
+                .commands
+                .send(Command::Trust { id: new.id() })
+                .await;
             tracing::info!(
                 worker.id = old.id(),
                 replacement = new.id(),

@@ -175,17 +175,27 @@ mod tests {
         assert_eq!(l.next(Fact::Listening), None);
         let l = l.next(Fact::Disconnected).unwrap();
         assert!(!l.connected());
-        assert_eq!(l.next(Fact::Online), None, "nothing revives a disconnected worker");
+        assert_eq!(
+            l.next(Fact::Online),
+            None,
+            "nothing revives a disconnected worker"
+        );
         let l = l.next(Fact::Exited(st)).unwrap();
         assert_eq!(l, Life::Dead(st));
-        assert_eq!(l.next(Fact::Disconnected), None, "a late disconnect after death");
+        assert_eq!(
+            l.next(Fact::Disconnected),
+            None,
+            "a late disconnect after death"
+        );
         assert_eq!(l.next(Fact::Exited(ExitStatus::Code(1))), None);
         assert_eq!(l.status(), Some(st));
     }
 
     #[test]
     fn exit_before_the_channel_closes_is_dead_and_disconnected() {
-        let l = Life::Online.next(Fact::Exited(ExitStatus::Signal(9))).unwrap();
+        let l = Life::Online
+            .next(Fact::Exited(ExitStatus::Signal(9)))
+            .unwrap();
         assert_eq!(l.state(), WorkerState::Dead);
         assert!(!l.connected());
         assert_eq!(Life::Forked.state(), WorkerState::None);
@@ -223,7 +233,10 @@ mod tests {
         let mut r = Respawn::new(policy());
         let t0 = Instant::now();
         assert_eq!(r.on_crash(t0, MS, 0), Verdict::RespawnAfter(100 * MS));
-        assert_eq!(r.on_crash(t0 + 61_000 * MS, MS, 0), Verdict::RespawnAfter(200 * MS));
+        assert_eq!(
+            r.on_crash(t0 + 61_000 * MS, MS, 0),
+            Verdict::RespawnAfter(200 * MS)
+        );
         let long = r.on_crash(t0 + 122_000 * MS, 10_000 * MS, 0);
         assert_eq!(long, Verdict::RespawnAfter(100 * MS));
     }
@@ -233,13 +246,19 @@ mod tests {
         let mut r = Respawn::new(policy());
         let t0 = Instant::now();
         for i in 0..3u32 {
-            assert!(matches!(r.on_crash(t0 + i * MS, MS, 0), Verdict::RespawnAfter(_)));
+            assert!(matches!(
+                r.on_crash(t0 + i * MS, MS, 0),
+                Verdict::RespawnAfter(_)
+            ));
         }
         // The first three fall out of the window: no loop.
         let later = t0 + 70_000 * MS;
         assert!(matches!(r.on_crash(later, MS, 0), Verdict::RespawnAfter(_)));
         for i in 1..3u32 {
-            assert!(matches!(r.on_crash(later + i * MS, MS, 0), Verdict::RespawnAfter(_)));
+            assert!(matches!(
+                r.on_crash(later + i * MS, MS, 0),
+                Verdict::RespawnAfter(_)
+            ));
         }
         assert_eq!(
             r.on_crash(later + 3 * MS, MS, 0),
@@ -253,9 +272,15 @@ mod tests {
         let t0 = Instant::now();
         // Eight workers die at once (a bad deploy): limit max(4, 8 + 1) = 9.
         for i in 0..8u32 {
-            assert!(matches!(r.on_crash(t0 + i * MS, MS, 8), Verdict::RespawnAfter(_)));
+            assert!(matches!(
+                r.on_crash(t0 + i * MS, MS, 8),
+                Verdict::RespawnAfter(_)
+            ));
         }
-        assert_eq!(r.on_crash(t0 + 8 * MS, MS, 8), Verdict::CrashLoop { crashes: 9 });
+        assert_eq!(
+            r.on_crash(t0 + 8 * MS, MS, 8),
+            Verdict::CrashLoop { crashes: 9 }
+        );
     }
 
     #[test]
@@ -268,8 +293,14 @@ mod tests {
         assert_eq!(pulse(&hb, Life::Forked, 4999 * MS, MS), Pulse::Skip);
         assert_eq!(pulse(&hb, Life::Forked, 5001 * MS, MS), Pulse::NoBoot);
         assert_eq!(pulse(&hb, Life::Online, 9 * MS, 999 * MS), Pulse::Ping);
-        assert_eq!(pulse(&hb, Life::Listening, 9 * MS, 1001 * MS), Pulse::Silent);
-        assert_eq!(pulse(&hb, Life::Disconnected, 9_000 * MS, 9_000 * MS), Pulse::Skip);
+        assert_eq!(
+            pulse(&hb, Life::Listening, 9 * MS, 1001 * MS),
+            Pulse::Silent
+        );
+        assert_eq!(
+            pulse(&hb, Life::Disconnected, 9_000 * MS, 9_000 * MS),
+            Pulse::Skip
+        );
         let dead = Life::Dead(ExitStatus::Code(0));
         assert_eq!(pulse(&hb, dead, 9_000 * MS, 9_000 * MS), Pulse::Skip);
     }

@@ -8,14 +8,14 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::events::Event;
 use super::events::EventTx;
 use super::worker_ref::WorkerRef;
 use crate::channel::{Incoming, Reader};
+use crate::dispatch::Servers;
 use crate::error::{Error, ErrorKind};
-use super::events::Event;
 use crate::message::Message;
 use crate::net::ListenAddress;
-use crate::servers::Servers;
 use crate::wire::{Control, VERSION, Wire};
 
 /// Messages decoded from one read go out together, up to this many.

@@ -71,7 +71,6 @@ impl fmt::Display for Stats {
     }
 }
 
-
 impl Stats {
     pub(super) fn of<W>(view: &View<W>) -> Stats {
         Stats {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Interval;
 
+use super::events::Event;
 use super::events::EventTx;
 use super::policy::{Fact, Life, Pulse, Respawn, Verdict, pulse};
 use super::reader::{ReaderTask, Report};
@@ -23,11 +24,10 @@ use super::spawn::Launcher;
 use super::worker_ref::{Status, WorkerRef, WorkerShared};
 use crate::channel::{self, Reader};
 use crate::config::{Config, Heartbeat, RespawnPolicy, SchedulingPolicy, Settings};
+use crate::dispatch::Servers;
 use crate::error::{Error, ErrorKind};
-use super::events::Event;
 use crate::event::{ExitStatus, WorkerState};
 use crate::message::Message;
-use crate::servers::Servers;
 use crate::wire::{Control, Wire};
 
 /// How long the exit of a process waits for its channel to close, so that `Exit` follows the
@@ -60,7 +60,9 @@ pub(crate) enum Command<W> {
     /// Fork the configured workers, once (the first use of a handle).
     Start,
     /// Nothing: the reply says every earlier command is done.
-    Sync { reply: oneshot::Sender<()> },
+    Sync {
+        reply: oneshot::Sender<()>,
+    },
     Fork {
         env: Vec<(OsString, OsString)>,
         /// A reload's replacement: until [`Command::Trust`], its death is the reload's to
@@ -545,7 +547,10 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             return;
         };
         let voluntary = e.voluntary();
-        let life = e.life().next(Fact::Exited(status)).unwrap_or(Life::Dead(status));
+        let life = e
+            .life()
+            .next(Fact::Exited(status))
+            .unwrap_or(Life::Dead(status));
         e.status.send_modify(|s| {
             s.life = life;
             s.exited_after_disconnect = Some(voluntary);
@@ -630,7 +635,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         exit_after: bool,
         reply: Option<oneshot::Sender<bool>>,
     ) {
-        crate::notify::stopping();
+        crate::systemd::notify::stopping();
         self.close();
         let kill_at = Instant::now() + grace;
         match &mut self.stopping {
@@ -661,7 +666,10 @@ impl<P: Message, W: Message> Supervisor<P, W> {
     /// Ends a shutdown once nobody is left.
     fn check_stopped(&mut self) {
         if self.entries.is_empty() && self.stopping.is_some() {
-            let clean = self.stopping.as_ref().is_some_and(|s| s.give_up_at.is_none());
+            let clean = self
+                .stopping
+                .as_ref()
+                .is_some_and(|s| s.give_up_at.is_none());
             self.stopped(clean);
         }
     }
@@ -825,7 +833,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         });
         if ready {
             self.awaiting_ready = None;
-            crate::notify::ready();
+            crate::systemd::notify::ready();
         }
     }
 }

@@ -1,0 +1,290 @@
+//! The primary's side of shared server ports: one socket per address key, handed out by the
+//! key's policy. It owns which workers serve each key; the round-robin dispatcher
+//! ([`round_robin`]) owns the connections in flight to them, and [`reuseport`] the socket slots.
+
+mod reuseport;
+mod round_robin;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+use crate::channel::Outbox;
+use crate::config::SchedulingPolicy;
+use crate::socket;
+use crate::systemd;
+use crate::wire::{BindAddr, Control, Grant, Wire};
+
+use reuseport::Slots;
+use round_robin::RoundRobin;
+
+type KeyId = (BindAddr, u32);
+
+pub(crate) struct Servers {
+    /// A std mutex: read on each bind, set before the first fork; never held across an await.
+    policy: Mutex<SchedulingPolicy>,
+    /// Short critical sections from the readers' server requests; never held across an await.
+    st: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    keys: HashMap<KeyId, Key>,
+    next_server: u32,
+    slots: Slots,
+}
+
+struct Key {
+    bound: BindAddr,
+    kind: KeyKind,
+}
+
+/// A key and the workers that serve it, in one place per policy.
+enum KeyKind {
+    /// The dispatcher keeps the members, with their channels.
+    RoundRobin(Arc<RoundRobin>),
+    Shared {
+        fd: OwnedFd,
+        members: Vec<u32>,
+    },
+    ReusePort {
+        /// One socket per worker slot.
+        sockets: HashMap<usize, OwnedFd>,
+        members: Vec<u32>,
+    },
+}
+
+impl KeyKind {
+    fn has(&self, id: u32) -> bool {
+        match self {
+            KeyKind::RoundRobin(rr) => rr.has(id),
+            KeyKind::Shared { members, .. } | KeyKind::ReusePort { members, .. } => {
+                members.contains(&id)
+            }
+        }
+    }
+
+    /// Takes worker `id` out; whether anyone is left.
+    fn remove(&mut self, id: u32) -> bool {
+        match self {
+            KeyKind::RoundRobin(rr) => rr.leave(id),
+            KeyKind::Shared { members, .. } | KeyKind::ReusePort { members, .. } => {
+                members.retain(|m| *m != id);
+                !members.is_empty()
+            }
+        }
+    }
+}
+
+impl Servers {
+    pub(crate) fn new(policy: SchedulingPolicy) -> Arc<Self> {
+        Arc::new(Servers {
+            policy: Mutex::new(policy),
+            st: Mutex::new(State::default()),
+        })
+    }
+
+    pub(crate) fn policy(&self) -> SchedulingPolicy {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_policy(&self, policy: SchedulingPolicy) {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Handles a server-related control message from worker `id`.
+    pub(crate) fn handle(
+        self: &Arc<Self>,
+        id: u32,
+        outbox: &Arc<Outbox>,
+        c: Control,
+        _fds: Vec<OwnedFd>,
+    ) {
+        match c {
+            Control::QueryServer {
+                req, addr, index, ..
+            } => {
+                let (result, fds) = match self.query(id, outbox, &addr, index) {
+                    Ok((grant, bound, fds)) => (Ok((grant, bound)), fds),
+                    Err(e) => (Err((e.raw_os_error().unwrap_or(0), e.to_string())), vec![]),
+                };
+                let _ = outbox.send(
+                    &Wire::<()>::Control(Control::ServerReply { req, result }),
+                    fds,
+                );
+            }
+            Control::Accepted { server, n } => {
+                let rr = self.lock().keys.values().find_map(|k| match &k.kind {
+                    KeyKind::RoundRobin(rr) if rr.id == server => Some(rr.clone()),
+                    _ => None,
+                });
+                if let Some(rr) = rr {
+                    rr.accepted(id, n as usize);
+                }
+            }
+            Control::CloseServer { addr, index } => self.leave(id, &(addr, index)),
+            _ => {}
+        }
+    }
+
+    fn query(
+        self: &Arc<Self>,
+        id: u32,
+        outbox: &Arc<Outbox>,
+        addr: &BindAddr,
+        index: u32,
+    ) -> io::Result<(Grant, BindAddr, Vec<OwnedFd>)> {
+        let mut st = self.lock();
+        let key: KeyId = (addr.clone(), index);
+        let configured = self.policy();
+        let policy = match addr {
+            // Datagrams have no connections to hand out: always the shared socket, as in Node.
+            BindAddr::Udp(_) => SchedulingPolicy::Shared,
+            BindAddr::Unix(_) if configured == SchedulingPolicy::ReusePort => {
+                SchedulingPolicy::Shared
+            }
+            _ => configured,
+        };
+        // Node's rule: a second listen on a fixed port in the same worker is EADDRINUSE (with
+        // port 0 it gets a port of its own, through its own key).
+        if index > 0 && fixed_port(addr) && st.keys.keys().any(|(a, i)| a == addr && *i != index) {
+            return Err(io::Error::from_raw_os_error(nix::libc::EADDRINUSE));
+        }
+        if !st.keys.contains_key(&key) {
+            let next = st.next_server;
+            st.next_server += 1;
+            let (bound, kind) = match policy {
+                SchedulingPolicy::RoundRobin => {
+                    let (fd, bound) = bind(addr, false)?;
+                    (bound, KeyKind::RoundRobin(RoundRobin::start(next, fd)?))
+                }
+                SchedulingPolicy::Shared => {
+                    let (fd, bound) = bind(addr, false)?;
+                    let members = Vec::new();
+                    (bound, KeyKind::Shared { fd, members })
+                }
+                SchedulingPolicy::ReusePort => {
+                    let (fd, bound) = bind(addr, true)?;
+                    let slot = st.slots.of(id);
+                    let sockets = HashMap::from([(slot, fd)]);
+                    let members = Vec::new();
+                    (bound, KeyKind::ReusePort { sockets, members })
+                }
+            };
+            st.keys.insert(key.clone(), Key { bound, kind });
+        }
+        let State { keys, slots, .. } = &mut *st;
+        let k = keys.get_mut(&key).expect("key inserted above");
+        let bound = k.bound.clone();
+        match &mut k.kind {
+            KeyKind::RoundRobin(rr) => {
+                rr.join(id, outbox.clone());
+                Ok((Grant::RoundRobin { server: rr.id }, bound, vec![]))
+            }
+            KeyKind::Shared { fd, members } => {
+                let fd = fd.try_clone()?;
+                if !members.contains(&id) {
+                    members.push(id);
+                }
+                Ok((Grant::Handle, bound, vec![fd]))
+            }
+            KeyKind::ReusePort { sockets, members } => {
+                let slot = slots.of(id);
+                if let std::collections::hash_map::Entry::Vacant(e) = sockets.entry(slot) {
+                    // Same address and port as the first slot, so port 0 is shared too.
+                    let (fd, _) = socket::bind(&bound, true)?;
+                    e.insert(fd);
+                }
+                let fd = sockets[&slot].try_clone()?;
+                if !members.contains(&id) {
+                    members.push(id);
+                }
+                Ok((Grant::Handle, bound, vec![fd]))
+            }
+        }
+    }
+
+    /// Worker `id` closed its listener on `key`.
+    fn leave(self: &Arc<Self>, id: u32, key: &KeyId) {
+        let mut st = self.lock();
+        let Some(k) = st.keys.get_mut(key) else {
+            return;
+        };
+        if !k.kind.remove(id) {
+            let k = st.keys.remove(key).expect("key present");
+            close_key(k);
+        }
+    }
+
+    /// Worker `new` replaces `old` (a reload): under `reuseport` it takes the same slot, and
+    /// both accept from the slot's socket until `old` leaves.
+    pub(crate) fn inherit_slot(&self, new: u32, old: u32) {
+        self.lock().slots.inherit(new, old);
+    }
+
+    /// Worker `id` is gone: it leaves every key, its queued connections go to the others.
+    pub(crate) fn worker_gone(self: &Arc<Self>, id: u32) {
+        let keys: Vec<KeyId> = self
+            .lock()
+            .keys
+            .iter()
+            .filter(|(_, k)| k.kind.has(id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.leave(id, &key);
+        }
+        let slot = self.lock().slots.release(id);
+        if let Some(slot) = slot {
+            // The slot's sockets keep their accept queues for a replacement; without one soon,
+            // close them so the kernel stops hashing new connections onto them.
+            let me = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(reuseport::SLOT_GRACE).await;
+                let mut st = me.lock();
+                if st.slots.taken(slot) {
+                    return;
+                }
+                for k in st.keys.values_mut() {
+                    if let KeyKind::ReusePort { sockets, .. } = &mut k.kind {
+                        sockets.remove(&slot);
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// A socket for `addr`: under systemd socket activation, the one the primary was handed.
+fn bind(addr: &BindAddr, reuseport: bool) -> io::Result<(OwnedFd, BindAddr)> {
+    if !reuseport {
+        if let Some(fd) = systemd::take_inherited(addr) {
+            let bound = socket::local_addr(&fd, addr)?;
+            return Ok((fd, bound));
+        }
+    }
+    socket::bind(addr, reuseport)
+}
+
+fn close_key(k: Key) {
+    match &k.kind {
+        KeyKind::RoundRobin(rr) => rr.stop(),
+        KeyKind::Shared { fd, .. } => systemd::release(fd),
+        KeyKind::ReusePort { .. } => {}
+    }
+    if let BindAddr::Unix(path) = &k.bound {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn fixed_port(addr: &BindAddr) -> bool {
+    match addr {
+        BindAddr::Tcp(a) | BindAddr::Udp(a) => a.port() != 0,
+        BindAddr::Unix(_) => true,
+    }
+}

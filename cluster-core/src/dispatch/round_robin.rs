@@ -1,0 +1,204 @@
+//! Round-robin dispatch (Node's `SCHED_RR`): the primary accepts and hands each connection to
+//! the next member; it keeps its copy until the worker acknowledges, so a connection queued for a
+//! worker that closes or dies goes to another instead of being lost.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+
+use crate::channel::Outbox;
+use crate::sys;
+use crate::systemd;
+use crate::wire::{Control, Wire};
+
+/// Round-robin dispatch for one key.
+pub(super) struct RoundRobin {
+    pub(super) id: u32,
+    st: Mutex<RrState>,
+    stop: tokio::sync::Notify,
+    /// A second descriptor of the listening socket, to stop it listening at once on close.
+    listener: Mutex<Option<OwnedFd>>,
+}
+
+#[derive(Default)]
+struct RrState {
+    members: Vec<(u32, Arc<Outbox>)>,
+    next: usize,
+    /// Connections sent to each worker and not yet acknowledged, oldest first. The outbox
+    /// shares each descriptor until it has been sent: no copy is made, and the connection
+    /// closes here when the worker acknowledges it (it then holds its own).
+    inflight: HashMap<u32, VecDeque<Arc<OwnedFd>>>,
+    /// Connections waiting for a member (none listening right now).
+    backlog: VecDeque<Arc<OwnedFd>>,
+    stopped: bool,
+}
+
+impl RoundRobin {
+    pub(super) fn start(id: u32, listener: OwnedFd) -> io::Result<Arc<Self>> {
+        let rr = Arc::new(RoundRobin {
+            id,
+            st: Mutex::new(RrState::default()),
+            stop: tokio::sync::Notify::new(),
+            listener: Mutex::new(listener.try_clone().ok()),
+        });
+        let afd = sys::async_listener(listener)?;
+        let me = rr.clone();
+        tokio::spawn(async move { me.accept_loop(afd).await });
+        Ok(rr)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RrState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn accept_loop(self: Arc<Self>, afd: AsyncFd<OwnedFd>) {
+        let mut backoff = Duration::from_millis(5);
+        let stop = self.stop.notified();
+        tokio::pin!(stop);
+        loop {
+            let mut guard = tokio::select! {
+                g = afd.readable() => match g { Ok(g) => g, Err(_) => return },
+                _ = &mut stop => return,
+            };
+            // Drain the accept queue in one go; each connection is queued on its worker's
+            // outbox, whose writer sends them in batches of up to 253 per `sendmsg`.
+            let mut batch = Vec::new();
+            let res = loop {
+                match guard.try_io(|fd| sys::accept(fd.get_ref().as_fd())) {
+                    Ok(Ok(conn)) => {
+                        batch.push(conn);
+                        if batch.len() >= 256 {
+                            break Ok(());
+                        }
+                    }
+                    Ok(Err(e)) => break Err(e),
+                    Err(_would_block) => break Ok(()),
+                }
+            };
+            drop(guard);
+            if !batch.is_empty() {
+                self.dispatch(batch);
+            }
+            match res {
+                Ok(()) => backoff = Duration::from_millis(5),
+                Err(e) if is_fd_exhaustion(&e) => {
+                    // Out of descriptors: the pending connection stays in the kernel's queue.
+                    // Wait instead of spinning, and try again once some may have closed.
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = &mut stop => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                // ECONNABORTED and friends concern one client only.
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn dispatch(&self, conns: Vec<OwnedFd>) {
+        let mut st = self.lock();
+        for conn in conns {
+            st.give(self.id, Arc::new(conn));
+        }
+    }
+
+    pub(super) fn join(&self, id: u32, outbox: Arc<Outbox>) {
+        let mut st = self.lock();
+        if !st.members.iter().any(|(m, _)| *m == id) {
+            st.members.push((id, outbox));
+        }
+        // Connections that waited for a listener go out now.
+        let waiting: Vec<Arc<OwnedFd>> = st.backlog.drain(..).collect();
+        for conn in waiting {
+            st.give(self.id, conn);
+        }
+    }
+
+    /// Worker `id` leaves; its unacknowledged connections go to the others. Whether any
+    /// member is left.
+    pub(super) fn leave(&self, id: u32) -> bool {
+        let mut st = self.lock();
+        st.members.retain(|(m, _)| *m != id);
+        let orphans = st.inflight.remove(&id).unwrap_or_default();
+        for conn in orphans {
+            st.give(self.id, conn);
+        }
+        !st.members.is_empty()
+    }
+
+    pub(super) fn has(&self, id: u32) -> bool {
+        self.lock().members.iter().any(|(m, _)| *m == id)
+    }
+
+    pub(super) fn accepted(&self, id: u32, n: usize) {
+        let mut st = self.lock();
+        if let Some(q) = st.inflight.get_mut(&id) {
+            for _ in 0..n.min(q.len()) {
+                q.pop_front();
+            }
+        }
+    }
+
+    pub(super) fn stop(&self) {
+        let mut st = self.lock();
+        st.stopped = true;
+        st.backlog.clear();
+        st.inflight.clear();
+        drop(st);
+        // The accept loop closes its descriptor when it sees `stop`, later; leave the LISTEN
+        // state now, so the port can be bound again (SO_REUSEADDR) as soon as this returns.
+        if let Some(fd) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            if systemd::is_inherited(&fd) {
+                // A socket systemd handed us keeps listening (its queue holds connections for
+                // the next worker); it only goes back to the pool.
+                systemd::release(&fd);
+            } else {
+                let _ = nix::sys::socket::shutdown(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    nix::sys::socket::Shutdown::Both,
+                );
+            }
+        }
+        self.stop.notify_one();
+    }
+}
+
+impl RrState {
+    /// Hands `conn` to the next member whose channel takes it; keeps it when none can.
+    fn give(&mut self, server: u32, conn: Arc<OwnedFd>) {
+        if self.stopped {
+            return;
+        }
+        let n = self.members.len();
+        for _ in 0..n {
+            let i = self.next % n;
+            self.next = self.next.wrapping_add(1);
+            let (id, outbox) = &self.members[i];
+            if outbox
+                .send_shared(&Wire::<()>::Control(Control::Conn { server }), conn.clone())
+                .is_ok()
+            {
+                self.inflight.entry(*id).or_default().push_back(conn);
+                return;
+            }
+        }
+        self.backlog.push_back(conn);
+    }
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
+    )
+}
