@@ -7,6 +7,7 @@ use crate::config::Settings;
 use crate::error::Error;
 use crate::net::ListenAddress;
 use crate::primary::WorkerRef;
+use crate::signal::Signal;
 
 /// What happened in the cluster, in Node's order for each worker:
 /// `Fork`, `Online`, `Listening` (once per server), then `Disconnect` and `Exit`.
@@ -125,9 +126,7 @@ impl ExitStatus {
     /// The signal's name, such as `"SIGKILL"`, when a signal ended it.
     pub fn signal_name(self) -> Option<&'static str> {
         match self {
-            ExitStatus::Signal(s) => {
-                Some(nix::sys::signal::Signal::try_from(s).map_or("SIG?", |sig| sig.as_str()))
-            }
+            ExitStatus::Signal(s) => Some(Signal::from_raw(s).name().unwrap_or("SIG?")),
             ExitStatus::Code(_) => None,
         }
     }

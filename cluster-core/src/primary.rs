@@ -18,6 +18,7 @@ use crate::error::{Error, ErrorKind};
 use crate::event::{Event, ExitStatus, WorkerState};
 use crate::message::{Message, pair_fingerprint};
 use crate::servers::Servers;
+use crate::signal::Signal;
 use crate::sys;
 use crate::wire::{Control, Wire};
 
@@ -723,7 +724,7 @@ impl<P: Message, W: Message> Primary<P, W> {
                             worker: Some(w.clone()),
                             error: Error::new(ErrorKind::Unresponsive, msg),
                         });
-                        let _ = w.kill_with(nix::sys::signal::Signal::SIGKILL);
+                        let _ = w.kill_with(Signal::SIGKILL);
                     } else if matches!(state, WorkerState::Online | WorkerState::Listening) {
                         let _ = w
                             .shared
@@ -808,7 +809,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             );
         }
         for w in stragglers {
-            let _ = w.kill_with(nix::sys::signal::Signal::SIGKILL);
+            let _ = w.kill_with(Signal::SIGKILL);
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.wait_for_exits()).await;
         false
@@ -858,7 +859,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             .await
             .unwrap_or(false);
             if !ready {
-                let _ = new.kill_with(nix::sys::signal::Signal::SIGKILL);
+                let _ = new.kill_with(Signal::SIGKILL);
                 // Respawns must not use the build that just failed: back to the settings of
                 // the workers that serve.
                 let good = self
@@ -892,7 +893,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             })
             .await;
             if gone.is_err() {
-                let _ = old.kill_with(nix::sys::signal::Signal::SIGKILL);
+                let _ = old.kill_with(Signal::SIGKILL);
             }
         }
         Ok(())
@@ -1392,24 +1393,28 @@ impl<W> WorkerRef<W> {
     /// Sends SIGTERM at once, with no disconnect handshake (Node's `worker.kill()`); afterwards
     /// `exited_after_disconnect()` is `Some(false)` unless a disconnect came first.
     pub fn kill(&self) -> Result<(), Error> {
-        self.kill_with(nix::sys::signal::Signal::SIGTERM)
+        self.kill_with(Signal::SIGTERM)
     }
 
     /// Sends `signal` to the worker process at once.
-    pub fn kill_with(&self, signal: nix::sys::signal::Signal) -> Result<(), Error> {
+    pub fn kill_with(&self, signal: Signal) -> Result<(), Error> {
         if self.is_dead() || self.pid() == 0 {
             return Err(Error::new(
                 ErrorKind::ChannelClosed,
                 format!("worker {} has already exited", self.id()),
             ));
         }
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).map_err(|e| {
-            Error::io(
-                ErrorKind::Io,
-                format!("cannot signal worker {}", self.id()),
-                e.into(),
-            )
-        })
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        signal
+            .to_nix()
+            .and_then(|s| nix::sys::signal::kill(pid, s))
+            .map_err(|e| {
+                Error::io(
+                    ErrorKind::Io,
+                    format!("cannot signal worker {}", self.id()),
+                    e.into(),
+                )
+            })
     }
 
     /// The worker's stdout, when [`Settings::silent`] was set at fork; once.

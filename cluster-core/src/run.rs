@@ -14,7 +14,7 @@ pub const WORKER_ID_VAR: &str = "CLUSTER_WORKER_ID";
 
 /// What this process is, decided from the environment before any thread exists.
 #[derive(Debug)]
-pub enum Role {
+pub(crate) enum Role {
     /// No `CLUSTER_WORKER_ID`: the primary.
     Primary,
     /// A worker, with its id and its channel to the primary.
@@ -29,16 +29,19 @@ pub enum Role {
 impl Role {
     /// Reads and removes `CLUSTER_WORKER_ID`, then takes the channel.
     ///
-    /// Call it first thing in `main`, before any thread is started: it edits the environment.
     /// A process with a malformed id, or with an id but no channel, gets an error: it must never
     /// run as a second primary.
-    pub fn detect() -> Result<Role, String> {
+    ///
+    /// # Safety
+    ///
+    /// It edits the environment: the process must have one thread (see [`run`]).
+    unsafe fn detect() -> Result<Role, String> {
         let Some(raw) = std::env::var_os(WORKER_ID_VAR) else {
-            // SAFETY: `detect` runs before the runtime starts, while the process has one thread.
+            // SAFETY: the caller guarantees that the process has one thread.
             unsafe { crate::notify::take_from_env() };
             return Ok(Role::Primary);
         };
-        // SAFETY: `detect` runs before the runtime starts, while the process has one thread.
+        // SAFETY: the caller guarantees that the process has one thread.
         unsafe { sys::remove_env(WORKER_ID_VAR) };
         let text = raw.to_string_lossy();
         let id = match text.parse::<u32>() {
@@ -99,8 +102,21 @@ fn runtime(flavor: Flavor) -> tokio::runtime::Runtime {
 /// Runs `main` as the primary or as a worker: decides the role, starts the runtime for it, and
 /// in the primary the configured number of workers start on the first use of the handle
 /// (`next_event`, `workers`, `fork`), so the primary's own start-up code runs before them. This is what
-/// `#[cluster::main]` expands to.
-pub fn run<P, W, F, Fut>(config: Config, main: F) -> Fut::Output
+/// `#[cluster::main]` expands to; call it yourself only in a `main` without the macro.
+///
+/// A process started as a worker whose id or channel is broken exits with an error, never
+/// running as a second primary; so does one whose `CLUSTER_WORKERS` or `CLUSTER_SCHED_POLICY`
+/// does not parse.
+///
+/// # Safety
+///
+/// `run` reads and removes variables of the process environment (`CLUSTER_WORKER_ID` in a
+/// worker; `NOTIFY_SOCKET`, `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` in the primary),
+/// and editing the environment is only sound while no other thread may read or write it (see
+/// [`std::env::remove_var`]). Call it first thing in `main`, before anything has started a
+/// thread: no runtime, no thread pool, no logger with a background thread, no library that
+/// spawns one on initialisation.
+pub unsafe fn run<P, W, F, Fut>(config: Config, main: F) -> Fut::Output
 where
     P: Message,
     W: Message,
@@ -108,7 +124,8 @@ where
     Fut: Future,
     Fut::Output: Outcome,
 {
-    let role = Role::detect().unwrap_or_else(|e| fatal(&e));
+    // SAFETY: the caller guarantees that the process has one thread.
+    let role = unsafe { Role::detect() }.unwrap_or_else(|e| fatal(&e));
     let config = config.with_env().unwrap_or_else(|e| fatal(&e));
     match role {
         Role::Primary => runtime(config.primary_flavor).block_on(async move {
