@@ -58,28 +58,48 @@ pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, ExitStatus, WorkerState};
 pub use message::Message;
 pub use primary::{Primary, Stats, WorkerRef, WorkerStats};
-pub use run::{Context, Outcome, WORKER_ID_VAR, is_primary, is_worker, run, worker_id};
+pub use run::{Context, Outcome, WORKER_ID_VAR, is_primary, is_worker, worker_id};
 pub use signal::{ParseSignalError, Signal};
 pub use worker::Worker;
+
+/// Runs `main` as the primary or as a worker: decides the role, starts the runtime for it, and
+/// in the primary the configured number of workers start on the first use of the handle
+/// (`next_event`, `workers`, `fork`), so the primary's own start-up code runs before them.
+///
+/// `#[cluster::main]` writes this call for you, as the first statement of the `main` it
+/// generates (so its users need no `unsafe`); call `run` yourself only in a `main` without
+/// the macro.
+///
+/// A process started as a worker whose id or channel is broken exits with an error, never
+/// running as a second primary; so does one whose `CLUSTER_WORKERS` or `CLUSTER_SCHED_POLICY`
+/// does not parse.
+///
+/// # Safety
+///
+/// `run` reads and removes variables of the process environment (`CLUSTER_WORKER_ID` in a
+/// worker; `NOTIFY_SOCKET`, `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` in the primary),
+/// and editing the environment is only sound while no other thread may read or write it (see
+/// [`std::env::remove_var`]). Call it first thing in `main`, before anything has started a
+/// thread: no runtime, no thread pool, no logger with a background thread, no library that
+/// spawns one on initialisation.
+pub unsafe fn run<P, W, F, Fut>(config: Config, main: F) -> Fut::Output
+where
+    P: Message,
+    W: Message,
+    F: FnOnce(Context<P, W>) -> Fut,
+    Fut: std::future::Future,
+    Fut::Output: Outcome,
+{
+    // SAFETY: the caller upholds the same contract.
+    unsafe { run::enter(config, main) }
+}
 
 /// Not public API: what the `cluster` facade's macros and this crate's benchmarks use.
 #[doc(hidden)]
 pub mod __private {
     pub use serde;
 
-    /// [`run`](crate::run) for the `main` that `#[cluster::main]` writes, the one caller.
-    pub fn run<P, W, F, Fut>(config: crate::Config, main: F) -> Fut::Output
-    where
-        P: crate::Message,
-        W: crate::Message,
-        F: FnOnce(crate::Context<P, W>) -> Fut,
-        Fut: core::future::Future,
-        Fut::Output: crate::Outcome,
-    {
-        // SAFETY: the macro's `fn main` calls this as its first statement, before any code of
-        // the program has run that could have started a thread; nothing else may call it.
-        unsafe { crate::run(config, main) }
-    }
+    pub use crate::run::run;
 
     /// The frame codec, for the benchmarks.
     pub mod frame {

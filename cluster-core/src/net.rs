@@ -16,27 +16,38 @@ use std::task::{Context, Poll};
 use tokio::net::ToSocketAddrs;
 use tokio::sync::{OwnedMutexGuard, mpsc, watch};
 
-use crate::wire::{BindAddr, Control, Grant, PolicyWire};
+use crate::wire::{Control, Grant, PolicyWire};
 use crate::worker::{Link, link};
 
-/// An address a cluster server listens on, as reported by `Event::Listening`.
-pub type ListenAddress = BindAddr;
+/// An address a cluster server listens on, as `Event::Listening` reports it.
+///
+/// The channel carries it as it is, hence the serde derives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ListenAddress {
+    /// A TCP listener.
+    Tcp(SocketAddr),
+    /// A UDP socket.
+    Udp(SocketAddr),
+    /// A Unix-domain stream listener.
+    Unix(PathBuf),
+}
 
-impl std::fmt::Display for BindAddr {
+/// The socket address (`127.0.0.1:8000`) or the path.
+impl std::fmt::Display for ListenAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BindAddr::Tcp(a) | BindAddr::Udp(a) => write!(f, "{a}"),
-            BindAddr::Unix(p) => write!(f, "{}", p.display()),
+            ListenAddress::Tcp(a) | ListenAddress::Udp(a) => write!(f, "{a}"),
+            ListenAddress::Unix(p) => write!(f, "{}", p.display()),
         }
     }
 }
 
-impl BindAddr {
+impl ListenAddress {
     /// The socket address, for TCP and UDP.
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         match self {
-            BindAddr::Tcp(a) | BindAddr::Udp(a) => Some(*a),
-            BindAddr::Unix(_) => None,
+            ListenAddress::Tcp(a) | ListenAddress::Udp(a) => Some(*a),
+            ListenAddress::Unix(_) => None,
         }
     }
 
@@ -49,7 +60,7 @@ impl BindAddr {
 /// A registration of this worker's listener with the primary; unregisters on drop.
 struct Registration {
     link: &'static Arc<Link>,
-    addr: BindAddr,
+    addr: ListenAddress,
     index: u32,
     server: Option<u32>,
     /// Whether the primary must hear about the close.
@@ -89,8 +100,8 @@ impl Drop for Registration {
 /// descriptors that came with it and the registration.
 async fn query(
     link: &'static Arc<Link>,
-    addr: BindAddr,
-) -> io::Result<(Grant, BindAddr, Vec<OwnedFd>, Registration)> {
+    addr: ListenAddress,
+) -> io::Result<(Grant, ListenAddress, Vec<OwnedFd>, Registration)> {
     if link.is_disconnecting() {
         return Err(io::Error::new(
             io::ErrorKind::NotConnected,
@@ -150,7 +161,7 @@ async fn query(
     }
 }
 
-fn announce(link: &Link, bound: &BindAddr) {
+fn announce(link: &Link, bound: &ListenAddress) {
     link.control(
         Control::Listening {
             addr: bound.clone(),
@@ -404,7 +415,7 @@ impl TcpListener {
                 local,
             });
         };
-        let (grant, bound, fds, reg) = query(link, BindAddr::Tcp(addr)).await?;
+        let (grant, bound, fds, reg) = query(link, ListenAddress::Tcp(addr)).await?;
         let local = bound.socket_addr().unwrap_or(addr);
         let source = match grant {
             Grant::RoundRobin { server } => Source::Handoff(Handoff {
@@ -520,7 +531,7 @@ impl UdpSocket {
                 _reg: None,
             });
         };
-        let (_, bound, fds, reg) = query(link, BindAddr::Udp(addr)).await?;
+        let (_, bound, fds, reg) = query(link, ListenAddress::Udp(addr)).await?;
         let fd = fds
             .into_iter()
             .next()
@@ -568,7 +579,7 @@ impl UnixListener {
                 path,
             });
         };
-        let (grant, _bound, fds, reg) = query(link, BindAddr::Unix(path.clone())).await?;
+        let (grant, _bound, fds, reg) = query(link, ListenAddress::Unix(path.clone())).await?;
         let source = match grant {
             Grant::RoundRobin { server } => Source::Handoff(Handoff {
                 rx: Arc::new(tokio::sync::Mutex::new(link.take_handoff(server))),
@@ -584,7 +595,7 @@ impl UnixListener {
                 Source::Own(tokio::net::UnixListener::from_std(std)?)
             }
         };
-        announce(link, &BindAddr::Unix(path.clone()));
+        announce(link, &ListenAddress::Unix(path.clone()));
         Ok(UnixListener {
             inner: Acceptor {
                 polling: Mutex::default(),

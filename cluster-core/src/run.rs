@@ -99,24 +99,30 @@ fn runtime(flavor: Flavor) -> tokio::runtime::Runtime {
     built.unwrap_or_else(|e| fatal(&format!("cannot start the tokio runtime: {e}")))
 }
 
-/// Runs `main` as the primary or as a worker: decides the role, starts the runtime for it, and
-/// in the primary the configured number of workers start on the first use of the handle
-/// (`next_event`, `workers`, `fork`), so the primary's own start-up code runs before them. This is what
-/// `#[cluster::main]` expands to; call it yourself only in a `main` without the macro.
+/// Not public API: [`run`](crate::run) for the `main` that `#[cluster::main]` writes, which
+/// calls it as its first statement, before any code of the program could start a thread.
 ///
-/// A process started as a worker whose id or channel is broken exits with an error, never
-/// running as a second primary; so does one whose `CLUSTER_WORKERS` or `CLUSTER_SCHED_POLICY`
-/// does not parse.
+/// Its signature stays here and in this form: the compiler quotes it to the macro's users
+/// (`ui-tests/fail/message-without-attribute.stderr`) when a message type lacks the attribute.
+pub fn run<P, W, F, Fut>(config: Config, main: F) -> Fut::Output
+where
+    P: Message,
+    W: Message,
+    F: FnOnce(Context<P, W>) -> Fut,
+    Fut: Future,
+    Fut::Output: Outcome,
+{
+    // SAFETY: only the macro's `fn main` calls this, as its first statement: no code of the
+    // program has run yet that could have started a thread.
+    unsafe { enter(config, main) }
+}
+
+/// The body of [`run`](crate::run).
 ///
 /// # Safety
 ///
-/// `run` reads and removes variables of the process environment (`CLUSTER_WORKER_ID` in a
-/// worker; `NOTIFY_SOCKET`, `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` in the primary),
-/// and editing the environment is only sound while no other thread may read or write it (see
-/// [`std::env::remove_var`]). Call it first thing in `main`, before anything has started a
-/// thread: no runtime, no thread pool, no logger with a background thread, no library that
-/// spawns one on initialisation.
-pub unsafe fn run<P, W, F, Fut>(config: Config, main: F) -> Fut::Output
+/// As for [`run`](crate::run): the process has one thread.
+pub(crate) unsafe fn enter<P, W, F, Fut>(config: Config, main: F) -> Fut::Output
 where
     P: Message,
     W: Message,
