@@ -58,8 +58,9 @@ extern crate self as cluster;
 
 pub use cluster_core::{
     Config, Context, Error, ErrorKind, Event, ExitStatus, Flavor, Heartbeat, Message, Outcome,
-    Primary, RespawnPolicy, Role, SchedulingPolicy, Settings, Signal, Stats, WORKER_ID_VAR, Worker,
-    WorkerRef, WorkerState, WorkerStats, Workers, is_primary, is_worker, run, worker_id,
+    ParseSchedulingPolicyError, ParseSignalError, ParseWorkersError, Primary, RespawnPolicy,
+    SchedulingPolicy, Settings, Signal, Stats, WORKER_ID_VAR, Worker, WorkerRef, WorkerState,
+    WorkerStats, Workers, is_primary, is_worker, run, worker_id,
 };
 
 /// Turns `async fn main` into a cluster: a primary that forks workers, and the workers.
@@ -114,18 +115,21 @@ pub use cluster_core::{
 /// ```no_run
 /// # #[cluster::message]
 /// # enum ToPrimary { Ready }
+/// async fn body(mut ctx: cluster::Context<ToPrimary, ()>) {
+///     if let Some(cluster) = ctx.take_primary() {
+///         while let Some(event) = cluster.next_event().await {
+///             println!("{}", event.name());
+///         }
+///     }
+///     if let Some(worker) = ctx.take_worker() {
+///         worker.send(&ToPrimary::Ready).unwrap();
+///     }
+/// }
+///
 /// fn main() {
 ///     let config = cluster::Config { workers: cluster::Workers::Count(2), ..Default::default() };
-///     cluster::run::<ToPrimary, (), _, _>(config, |mut ctx| async move {
-///         if let Some(cluster) = ctx.take_primary() {
-///             while let Some(event) = cluster.next_event().await {
-///                 println!("{}", event.name());
-///             }
-///         }
-///         if let Some(worker) = ctx.take_worker() {
-///             worker.send(&ToPrimary::Ready).unwrap();
-///         }
-///     })
+///     // SAFETY: the first thing `main` does: no thread exists yet (see `cluster::run`).
+///     unsafe { cluster::run(config, body) }
 /// }
 /// ```
 pub use cluster_macros::main;
@@ -164,9 +168,9 @@ pub mod http {
 /// Not public API: the paths `#[cluster::main]` and `#[cluster::message]` expand to.
 #[doc(hidden)]
 pub mod __private {
-    pub use cluster_core::__private::serde;
+    pub use cluster_core::__private::{run, serde};
     pub use cluster_core::{
-        Config, Context, Event, Flavor, Message, Primary, SchedulingPolicy, Workers, run,
+        Config, Context, Event, Flavor, Message, Primary, SchedulingPolicy, Workers,
     };
     pub use core::future::Future;
     pub use core::option::Option;

@@ -20,7 +20,7 @@ use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use cluster_core::frame::{self, DEFAULT_MAX_FRAME, Decoder, put_header};
+use cluster_core::__private::frame::{self, DEFAULT_MAX_FRAME, Decoder, put_header};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use nix::cmsg_space;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};

@@ -30,22 +30,41 @@ impl Workers {
 }
 
 impl FromStr for Workers {
-    type Err = String;
+    type Err = ParseWorkersError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ParseWorkersError> {
         let s = s.trim();
         if s.eq_ignore_ascii_case("auto") {
             return Ok(Workers::Auto);
         }
         match s.parse::<usize>() {
-            Ok(0) => Err("worker count must be at least 1, or `auto`".into()),
+            Ok(0) => Err(ParseWorkersError(None)),
             Ok(n) => Ok(Workers::Count(n)),
-            Err(_) => Err(format!(
-                "invalid worker count `{s}`; expected `auto` or an integer >= 1"
-            )),
+            Err(_) => Err(ParseWorkersError(Some(s.to_owned()))),
         }
     }
 }
+
+/// A worker count that does not parse, from [`Workers`]'s `FromStr` (`CLUSTER_WORKERS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseWorkersError(
+    /// The text, or `None` for a count of 0.
+    Option<String>,
+);
+
+impl fmt::Display for ParseWorkersError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            None => f.write_str("worker count must be at least 1, or `auto`"),
+            Some(s) => write!(
+                f,
+                "invalid worker count `{s}`; expected `auto` or an integer >= 1"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ParseWorkersError {}
 
 /// How connections to a shared server port reach the workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -60,19 +79,34 @@ pub enum SchedulingPolicy {
 }
 
 impl FromStr for SchedulingPolicy {
-    type Err = String;
+    type Err = ParseSchedulingPolicyError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ParseSchedulingPolicyError> {
         match s.trim() {
             "round-robin" | "rr" => Ok(SchedulingPolicy::RoundRobin),
             "shared" | "none" => Ok(SchedulingPolicy::Shared),
             "reuseport" => Ok(SchedulingPolicy::ReusePort),
-            other => Err(format!(
-                "unknown scheduling policy `{other}`; expected one of `round-robin`, `shared`, `reuseport` (or Node's `rr`, `none`)"
-            )),
+            other => Err(ParseSchedulingPolicyError(other.to_owned())),
         }
     }
 }
+
+/// A scheduling policy that does not parse, from [`SchedulingPolicy`]'s `FromStr`
+/// (`CLUSTER_SCHED_POLICY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseSchedulingPolicyError(String);
+
+impl fmt::Display for ParseSchedulingPolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown scheduling policy `{}`; expected one of `round-robin`, `shared`, `reuseport` (or Node's `rr`, `none`)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ParseSchedulingPolicyError {}
 
 impl fmt::Display for SchedulingPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -229,8 +263,19 @@ mod tests {
     fn worker_counts_parse() {
         assert_eq!("auto".parse::<Workers>(), Ok(Workers::Auto));
         assert_eq!(" 3 ".parse::<Workers>(), Ok(Workers::Count(3)));
-        assert!("0".parse::<Workers>().unwrap_err().contains("at least 1"));
-        assert!("lots".parse::<Workers>().unwrap_err().contains("`lots`"));
+        assert!(
+            "0".parse::<Workers>()
+                .unwrap_err()
+                .to_string()
+                .contains("at least 1")
+        );
+        assert!(
+            "lots"
+                .parse::<Workers>()
+                .unwrap_err()
+                .to_string()
+                .contains("`lots`")
+        );
         assert!(Workers::Auto.resolve() >= 1);
     }
 

@@ -23,6 +23,9 @@ pub enum ErrorKind {
     CrashLoop,
     /// Binding a server failed.
     Bind,
+    /// The call is not allowed in the cluster's current state, such as changing the scheduling
+    /// policy after the first fork (Node freezes it then). Nothing was changed.
+    InvalidState,
     /// Any other I/O error.
     Io,
 }

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::signal::Signal;
+
 /// How a worker process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
@@ -32,9 +34,7 @@ impl ExitStatus {
     /// The signal's name, such as `"SIGKILL"`, when a signal ended it.
     pub fn signal_name(self) -> Option<&'static str> {
         match self {
-            ExitStatus::Signal(s) => {
-                Some(nix::sys::signal::Signal::try_from(s).map_or("SIG?", |sig| sig.as_str()))
-            }
+            ExitStatus::Signal(s) => Some(Signal::from_raw(s).name().unwrap_or("SIG?")),
             ExitStatus::Code(_) => None,
         }
     }

@@ -24,7 +24,7 @@ impl Message for () {
 }
 
 /// FNV-1a, for fingerprints computed at compile time by the macro and at run time here.
-pub const fn fnv1a(bytes: &[u8], mut hash: u64) -> u64 {
+pub(crate) const fn fnv1a(bytes: &[u8], mut hash: u64) -> u64 {
     let mut i = 0;
     while i < bytes.len() {
         hash ^= bytes[i] as u64;
@@ -35,10 +35,10 @@ pub const fn fnv1a(bytes: &[u8], mut hash: u64) -> u64 {
 }
 
 /// The offset basis of FNV-1a.
-pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// The fingerprint of a pair of message types, as exchanged in the handshake.
-pub fn pair_fingerprint<P: Message, W: Message>() -> u64 {
+pub(crate) fn pair_fingerprint<P: Message, W: Message>() -> u64 {
     let mut h = fnv1a(&P::FINGERPRINT.to_le_bytes(), FNV_OFFSET);
     h = fnv1a(&W::FINGERPRINT.to_le_bytes(), h);
     h

@@ -9,32 +9,45 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use tokio::net::ToSocketAddrs;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedMutexGuard, mpsc, watch};
 
-use crate::wire::{BindAddr, Control, Grant, PolicyWire};
+use crate::wire::{Control, Grant, PolicyWire};
 use crate::worker::{Link, link};
 
-/// An address a cluster server listens on, as reported by `Event::Listening`.
-pub type ListenAddress = BindAddr;
+/// An address a cluster server listens on, as `Event::Listening` reports it.
+///
+/// The channel carries it as it is, hence the serde derives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum ListenAddress {
+    /// A TCP listener.
+    Tcp(SocketAddr),
+    /// A UDP socket.
+    Udp(SocketAddr),
+    /// A Unix-domain stream listener.
+    Unix(PathBuf),
+}
 
-impl std::fmt::Display for BindAddr {
+/// The socket address (`127.0.0.1:8000`) or the path.
+impl std::fmt::Display for ListenAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BindAddr::Tcp(a) | BindAddr::Udp(a) => write!(f, "{a}"),
-            BindAddr::Unix(p) => write!(f, "{}", p.display()),
+            ListenAddress::Tcp(a) | ListenAddress::Udp(a) => write!(f, "{a}"),
+            ListenAddress::Unix(p) => write!(f, "{}", p.display()),
         }
     }
 }
 
-impl BindAddr {
+impl ListenAddress {
     /// The socket address, for TCP and UDP.
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         match self {
-            BindAddr::Tcp(a) | BindAddr::Udp(a) => Some(*a),
-            BindAddr::Unix(_) => None,
+            ListenAddress::Tcp(a) | ListenAddress::Udp(a) => Some(*a),
+            ListenAddress::Unix(_) => None,
         }
     }
 
@@ -47,7 +60,7 @@ impl BindAddr {
 /// A registration of this worker's listener with the primary; unregisters on drop.
 struct Registration {
     link: &'static Arc<Link>,
-    addr: BindAddr,
+    addr: ListenAddress,
     index: u32,
     server: Option<u32>,
     /// Whether the primary must hear about the close.
@@ -87,8 +100,8 @@ impl Drop for Registration {
 /// descriptors that came with it and the registration.
 async fn query(
     link: &'static Arc<Link>,
-    addr: BindAddr,
-) -> io::Result<(Grant, BindAddr, Vec<OwnedFd>, Registration)> {
+    addr: ListenAddress,
+) -> io::Result<(Grant, ListenAddress, Vec<OwnedFd>, Registration)> {
     if link.is_disconnecting() {
         return Err(io::Error::new(
             io::ErrorKind::NotConnected,
@@ -148,7 +161,7 @@ async fn query(
     }
 }
 
-fn announce(link: &Link, bound: &BindAddr) {
+fn announce(link: &Link, bound: &ListenAddress) {
     link.control(
         Control::Listening {
             addr: bound.clone(),
@@ -171,10 +184,13 @@ fn closed() -> io::Error {
     )
 }
 
+type HandoffQueue = mpsc::UnboundedReceiver<OwnedFd>;
+
 /// Connections handed over by the primary (round-robin), with the acknowledgement it needs.
 #[derive(Debug)]
 struct Handoff {
-    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<OwnedFd>>,
+    /// An async mutex: concurrent `accept`s queue for the receiver in order, each woken in turn.
+    rx: Arc<tokio::sync::Mutex<HandoffQueue>>,
     server: u32,
 }
 
@@ -183,12 +199,187 @@ enum Source<L> {
     Handoff(Handoff),
 }
 
-/// A TCP listener whose port is shared by every worker of the cluster.
-pub struct TcpListener {
-    source: Source<tokio::net::TcpListener>,
-    local: SocketAddr,
+/// The two stream listeners of tokio, as [`Acceptor`] uses them.
+trait OsListener {
+    type Stream;
+    type Addr;
+
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Addr)>> + Send;
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Stream, Self::Addr)>>;
+}
+
+impl OsListener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Addr)>> + Send {
+        tokio::net::TcpListener::accept(self)
+    }
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Stream, Self::Addr)>> {
+        tokio::net::TcpListener::poll_accept(self, cx)
+    }
+}
+
+impl OsListener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Addr)>> + Send {
+        tokio::net::UnixListener::accept(self)
+    }
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Stream, Self::Addr)>> {
+        tokio::net::UnixListener::poll_accept(self, cx)
+    }
+}
+
+/// A connection as the listener's source gives it: accepted here, or handed over (and already
+/// acknowledged) by the primary.
+enum Accepted<L: OsListener> {
+    Own(L::Stream, L::Addr),
+    Handed(OwnedFd),
+}
+
+/// What `poll_accept` must keep between calls to be woken: the disconnect, and a place in the
+/// queue for the hand-off receiver while an `accept` holds it.
+#[derive(Default)]
+struct Polling {
+    closed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    lock: Option<Pin<Box<dyn Future<Output = OwnedMutexGuard<HandoffQueue>> + Send>>>,
+}
+
+/// Where a stream listener's connections come from, and when it stops: the part the TCP and
+/// Unix listeners share.
+struct Acceptor<L> {
+    // Fields drop in order: the poller's queued lock and the source (the listening socket or
+    // the hand-off queue) go before the registration tells the primary the server is closed.
+    /// A std mutex: only `poll_next` takes it, and never across an `.await`.
+    polling: Mutex<Polling>,
+    source: Source<L>,
     closing: Option<watch::Receiver<bool>>,
     reg: Option<Registration>,
+}
+
+impl<L: OsListener> Acceptor<L> {
+    fn own(listener: L) -> Self {
+        Acceptor {
+            polling: Mutex::default(),
+            source: Source::Own(listener),
+            closing: None,
+            reg: None,
+        }
+    }
+
+    fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let closing = self.closing.clone();
+        async move {
+            match closing {
+                // The sender lives as long as the worker's link; an error means it is gone.
+                Some(mut c) => drop(c.wait_for(|v| *v).await),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closing.as_ref().is_some_and(|c| *c.borrow())
+    }
+
+    /// Acknowledges a handed-over connection to the primary.
+    fn acknowledge(&self, h: &Handoff, fd: OwnedFd) -> Accepted<L> {
+        if let Some(reg) = &self.reg {
+            // Joins an `Accepted` still queued for the primary, if any: one frame acknowledges
+            // a whole run of connections.
+            let _ = reg.link.outbox.send_accepted(h.server);
+        }
+        // Already non-blocking: the primary accepts with `SOCK_NONBLOCK`, and the flag lives
+        // on the open file, which descriptor passing shares.
+        debug_assert!(is_nonblocking(&fd));
+        Accepted::Handed(fd)
+    }
+
+    /// The next connection, or `None` once the worker is disconnecting.
+    async fn next(&self) -> Option<io::Result<Accepted<L>>> {
+        let fut = async {
+            match &self.source {
+                Source::Own(l) => l.accept().await.map(|(s, a)| Accepted::Own(s, a)),
+                Source::Handoff(h) => {
+                    let fd = h.rx.lock().await.recv().await.ok_or_else(closed)?;
+                    Ok(self.acknowledge(h, fd))
+                }
+            }
+        };
+        if self.closing.is_none() {
+            return Some(fut.await);
+        }
+        if self.is_closed() {
+            return None;
+        }
+        tokio::select! {
+            r = fut => match r {
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+                r => Some(r),
+            },
+            () = self.closed() => None,
+        }
+    }
+
+    /// [`next`](Self::next) as a poll; only the last caller's waker is kept.
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Accepted<L>>>> {
+        let mut polling = self.polling.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closing.is_some() {
+            let closed = polling
+                .closed
+                .get_or_insert_with(|| Box::pin(self.closed()));
+            if self.is_closed() || closed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        let h = match &self.source {
+            Source::Own(l) => {
+                return l
+                    .poll_accept(cx)
+                    .map(|r| Some(r.map(|(s, a)| Accepted::Own(s, a))));
+            }
+            Source::Handoff(h) => h,
+        };
+        // The receiver, without waiting in line when no `accept` holds it.
+        let mut rx = match polling.lock.take() {
+            Some(mut lock) => match lock.as_mut().poll(cx) {
+                Poll::Ready(rx) => rx,
+                Poll::Pending => {
+                    polling.lock = Some(lock);
+                    return Poll::Pending;
+                }
+            },
+            None => match h.rx.clone().try_lock_owned() {
+                Ok(rx) => rx,
+                Err(_) => {
+                    let mut lock = Box::pin(h.rx.clone().lock_owned());
+                    if let Poll::Ready(rx) = lock.as_mut().poll(cx) {
+                        rx
+                    } else {
+                        polling.lock = Some(lock);
+                        return Poll::Pending;
+                    }
+                }
+            },
+        };
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(fd)) => Poll::Ready(Some(Ok(self.acknowledge(h, fd)))),
+            // The link is gone: the worker is disconnecting.
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A TCP listener whose port is shared by every worker of the cluster.
+pub struct TcpListener {
+    inner: Acceptor<tokio::net::TcpListener>,
+    local: SocketAddr,
 }
 
 impl std::fmt::Debug for TcpListener {
@@ -220,22 +411,17 @@ impl TcpListener {
             let l = tokio::net::TcpListener::bind(addr).await?;
             let local = l.local_addr()?;
             return Ok(TcpListener {
-                source: Source::Own(l),
+                inner: Acceptor::own(l),
                 local,
-                closing: None,
-                reg: None,
             });
         };
-        let (grant, bound, fds, reg) = query(link, BindAddr::Tcp(addr)).await?;
+        let (grant, bound, fds, reg) = query(link, ListenAddress::Tcp(addr)).await?;
         let local = bound.socket_addr().unwrap_or(addr);
         let source = match grant {
-            Grant::RoundRobin { server } => {
-                let rx = link.take_handoff(server);
-                Source::Handoff(Handoff {
-                    rx: tokio::sync::Mutex::new(rx),
-                    server,
-                })
-            }
+            Grant::RoundRobin { server } => Source::Handoff(Handoff {
+                rx: Arc::new(tokio::sync::Mutex::new(link.take_handoff(server))),
+                server,
+            }),
             Grant::Handle => {
                 let fd = fds
                     .into_iter()
@@ -248,10 +434,13 @@ impl TcpListener {
         };
         announce(link, &bound);
         Ok(TcpListener {
-            source,
+            inner: Acceptor {
+                polling: Mutex::default(),
+                source,
+                closing: Some(link.closing.subscribe()),
+                reg: Some(reg),
+            },
             local,
-            closing: Some(link.closing.subscribe()),
-            reg: Some(reg),
         })
     }
 
@@ -267,14 +456,7 @@ impl TcpListener {
     /// `axum::serve(listener, app).with_graceful_shutdown(closed)` stops taking connections,
     /// lets in-flight requests finish and returns when the worker disconnects.
     pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
-        let closing = self.closing.clone();
-        async move {
-            match closing {
-                // The sender lives as long as the worker's link; an error means it is gone.
-                Some(mut c) => drop(c.wait_for(|v| *v).await),
-                None => std::future::pending().await,
-            }
-        }
+        self.inner.closed()
     }
 
     /// The next connection. After the worker starts to disconnect it fails with
@@ -285,39 +467,38 @@ impl TcpListener {
 
     /// The next connection, or `None` once the worker is disconnecting and the listener closed.
     pub async fn next(&self) -> Option<io::Result<(tokio::net::TcpStream, SocketAddr)>> {
-        let mut closing = self.closing.clone();
-        let fut = async {
-            match &self.source {
-                Source::Own(l) => l.accept().await,
-                Source::Handoff(h) => {
-                    let fd = h.rx.lock().await.recv().await.ok_or_else(closed)?;
-                    if let Some(reg) = &self.reg {
-                        // Joins an `Accepted` still queued for the primary, if any: one frame
-                        // acknowledges a whole run of connections.
-                        let _ = reg.link.outbox.send_accepted(h.server);
-                    }
-                    // Already non-blocking: the primary accepts with `SOCK_NONBLOCK`, and the
-                    // flag lives on the open file, which descriptor passing shares.
-                    debug_assert!(is_nonblocking(&fd));
-                    let std = std::net::TcpStream::from(fd);
-                    let peer = std.peer_addr().unwrap_or(self.local);
-                    Ok((tokio::net::TcpStream::from_std(std)?, peer))
-                }
-            }
-        };
-        match &mut closing {
-            None => Some(fut.await),
-            Some(c) => {
-                if *c.borrow() {
-                    return None;
-                }
-                tokio::select! {
-                    r = fut => match r {
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
-                        r => Some(r),
-                    },
-                    _ = c.wait_for(|v| *v) => None,
-                }
+        let accepted = self.inner.next().await?;
+        Some(accepted.and_then(|a| self.connection(a)))
+    }
+
+    /// Polls for the next connection, as [`accept`](Self::accept) waits for it (tokio's
+    /// `TcpListener::poll_accept`).
+    ///
+    /// Only the waker of the most recent call is woken, so one task at a time should poll; the
+    /// `async` methods may be shared by many.
+    pub fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(tokio::net::TcpStream, SocketAddr)>> {
+        self.inner.poll_next(cx).map(|accepted| {
+            accepted
+                .unwrap_or_else(|| Err(closed()))
+                .and_then(|a| self.connection(a))
+        })
+    }
+
+    fn connection(
+        &self,
+        accepted: Accepted<tokio::net::TcpListener>,
+    ) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
+        match accepted {
+            Accepted::Own(stream, peer) => Ok((stream, peer)),
+            Accepted::Handed(fd) => {
+                let std = std::net::TcpStream::from(fd);
+                // A client that reset already has no peer address any more; the connection
+                // still is one, and its first read says what happened.
+                let peer = std.peer_addr().unwrap_or(self.local);
+                Ok((tokio::net::TcpStream::from_std(std)?, peer))
             }
         }
     }
@@ -350,7 +531,7 @@ impl UdpSocket {
                 _reg: None,
             });
         };
-        let (_, bound, fds, reg) = query(link, BindAddr::Udp(addr)).await?;
+        let (_, bound, fds, reg) = query(link, ListenAddress::Udp(addr)).await?;
         let fd = fds
             .into_iter()
             .next()
@@ -375,10 +556,8 @@ impl std::ops::Deref for UdpSocket {
 
 /// A Unix-domain stream listener shared by every worker of the cluster.
 pub struct UnixListener {
-    source: Source<tokio::net::UnixListener>,
+    inner: Acceptor<tokio::net::UnixListener>,
     path: PathBuf,
-    closing: Option<watch::Receiver<bool>>,
-    reg: Option<Registration>,
 }
 
 impl std::fmt::Debug for UnixListener {
@@ -396,21 +575,16 @@ impl UnixListener {
         let Some(link) = link() else {
             let l = tokio::net::UnixListener::bind(&path)?;
             return Ok(UnixListener {
-                source: Source::Own(l),
+                inner: Acceptor::own(l),
                 path,
-                closing: None,
-                reg: None,
             });
         };
-        let (grant, _bound, fds, reg) = query(link, BindAddr::Unix(path.clone())).await?;
+        let (grant, _bound, fds, reg) = query(link, ListenAddress::Unix(path.clone())).await?;
         let source = match grant {
-            Grant::RoundRobin { server } => {
-                let rx = link.take_handoff(server);
-                Source::Handoff(Handoff {
-                    rx: tokio::sync::Mutex::new(rx),
-                    server,
-                })
-            }
+            Grant::RoundRobin { server } => Source::Handoff(Handoff {
+                rx: Arc::new(tokio::sync::Mutex::new(link.take_handoff(server))),
+                server,
+            }),
             Grant::Handle => {
                 let fd = fds
                     .into_iter()
@@ -421,12 +595,15 @@ impl UnixListener {
                 Source::Own(tokio::net::UnixListener::from_std(std)?)
             }
         };
-        announce(link, &BindAddr::Unix(path.clone()));
+        announce(link, &ListenAddress::Unix(path.clone()));
         Ok(UnixListener {
-            source,
+            inner: Acceptor {
+                polling: Mutex::default(),
+                source,
+                closing: Some(link.closing.subscribe()),
+                reg: Some(reg),
+            },
             path,
-            closing: Some(link.closing.subscribe()),
-            reg: Some(reg),
         })
     }
 
@@ -435,32 +612,55 @@ impl UnixListener {
         &self.path
     }
 
-    /// The next connection; fails with `NotConnected` once the worker is disconnecting.
-    pub async fn accept(&self) -> io::Result<tokio::net::UnixStream> {
-        let mut closing = self.closing.clone();
-        let fut = async {
-            match &self.source {
-                Source::Own(l) => l.accept().await.map(|(s, _)| s),
-                Source::Handoff(h) => {
-                    let fd = h.rx.lock().await.recv().await.ok_or_else(closed)?;
-                    if let Some(reg) = &self.reg {
-                        // Joins an `Accepted` still queued for the primary, if any: one frame
-                        // acknowledges a whole run of connections.
-                        let _ = reg.link.outbox.send_accepted(h.server);
-                    }
-                    // Already non-blocking (see `TcpListener::next`).
-                    debug_assert!(is_nonblocking(&fd));
-                    let std = std::os::unix::net::UnixStream::from(fd);
-                    tokio::net::UnixStream::from_std(std)
-                }
-            }
-        };
-        match &mut closing {
-            None => fut.await,
-            Some(c) => tokio::select! {
-                r = fut => r,
-                _ = c.wait_for(|v| *v) => Err(closed()),
-            },
+    /// A future that completes once the worker is disconnecting (see
+    /// [`TcpListener::closed`]); outside a cluster it never completes.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.inner.closed()
+    }
+
+    /// The next connection and its peer's address. After the worker starts to disconnect it
+    /// fails with `ErrorKind::NotConnected`; [`next`](Self::next) gives `None` instead.
+    pub async fn accept(
+        &self,
+    ) -> io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)> {
+        self.next().await.unwrap_or_else(|| Err(closed()))
+    }
+
+    /// The next connection, or `None` once the worker is disconnecting and the listener closed.
+    pub async fn next(
+        &self,
+    ) -> Option<io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)>> {
+        let accepted = self.inner.next().await?;
+        Some(accepted.and_then(connection))
+    }
+
+    /// Polls for the next connection, as [`accept`](Self::accept) waits for it (tokio's
+    /// `UnixListener::poll_accept`).
+    ///
+    /// Only the waker of the most recent call is woken, so one task at a time should poll; the
+    /// `async` methods may be shared by many.
+    pub fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)>> {
+        self.inner.poll_next(cx).map(|accepted| {
+            accepted
+                .unwrap_or_else(|| Err(closed()))
+                .and_then(connection)
+        })
+    }
+}
+
+fn connection(
+    accepted: Accepted<tokio::net::UnixListener>,
+) -> io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)> {
+    match accepted {
+        Accepted::Own(stream, peer) => Ok((stream, peer)),
+        Accepted::Handed(fd) => {
+            let stream = tokio::net::UnixStream::from_std(fd.into())?;
+            // Unlike TCP's, a Unix socket keeps its peer's address after the peer closed.
+            let peer = stream.peer_addr()?;
+            Ok((stream, peer))
         }
     }
 }
@@ -498,5 +698,41 @@ impl axum::serve::Listener for TcpListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tcp_poll_accept_outside_a_cluster() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = std::future::poll_fn(|cx| listener.poll_accept(cx))
+            .await
+            .unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        assert_eq!(stream.peer_addr().unwrap(), peer);
+    }
+
+    #[tokio::test]
+    async fn unix_accept_gives_the_peer_address() {
+        let dir = std::env::temp_dir().join(format!("cluster-net-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("accept.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).await.unwrap();
+        let _a = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let (_, peer) = listener.accept().await.unwrap();
+        assert!(peer.is_unnamed());
+        let _b = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let (_, peer) = listener.next().await.unwrap().unwrap();
+        assert!(peer.is_unnamed());
+        let _c = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let polled = std::future::poll_fn(|cx| listener.poll_accept(cx)).await;
+        assert!(polled.is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -14,7 +14,7 @@ pub const WORKER_ID_VAR: &str = "CLUSTER_WORKER_ID";
 
 /// What this process is, decided from the environment before any thread exists.
 #[derive(Debug)]
-pub enum Role {
+pub(crate) enum Role {
     /// No `CLUSTER_WORKER_ID`: the primary.
     Primary,
     /// A worker, with its id and its channel to the primary.
@@ -29,16 +29,19 @@ pub enum Role {
 impl Role {
     /// Reads and removes `CLUSTER_WORKER_ID`, then takes the channel.
     ///
-    /// Call it first thing in `main`, before any thread is started: it edits the environment.
     /// A process with a malformed id, or with an id but no channel, gets an error: it must never
     /// run as a second primary.
-    pub fn detect() -> Result<Role, String> {
+    ///
+    /// # Safety
+    ///
+    /// It edits the environment: the process must have one thread (see [`run`]).
+    unsafe fn detect() -> Result<Role, String> {
         let Some(raw) = std::env::var_os(WORKER_ID_VAR) else {
-            // SAFETY: `detect` runs before the runtime starts, while the process has one thread.
+            // SAFETY: the caller guarantees that the process has one thread.
             unsafe { crate::systemd::take_from_env() };
             return Ok(Role::Primary);
         };
-        // SAFETY: `detect` runs before the runtime starts, while the process has one thread.
+        // SAFETY: the caller guarantees that the process has one thread.
         unsafe { sys::remove_env(WORKER_ID_VAR) };
         let text = raw.to_string_lossy();
         let id = match text.parse::<u32>() {
@@ -96,10 +99,11 @@ fn runtime(flavor: Flavor) -> tokio::runtime::Runtime {
     built.unwrap_or_else(|e| fatal(&format!("cannot start the tokio runtime: {e}")))
 }
 
-/// Runs `main` as the primary or as a worker: decides the role, starts the runtime for it, and
-/// in the primary the configured number of workers start on the first use of the handle
-/// (`next_event`, `workers`, `fork`), so the primary's own start-up code runs before them. This is what
-/// `#[cluster::main]` expands to.
+/// Not public API: [`run`](crate::run) for the `main` that `#[cluster::main]` writes, which
+/// calls it as its first statement, before any code of the program could start a thread.
+///
+/// Its signature stays here and in this form: the compiler quotes it to the macro's users
+/// (`ui-tests/fail/message-without-attribute.stderr`) when a message type lacks the attribute.
 pub fn run<P, W, F, Fut>(config: Config, main: F) -> Fut::Output
 where
     P: Message,
@@ -108,7 +112,26 @@ where
     Fut: Future,
     Fut::Output: Outcome,
 {
-    let role = Role::detect().unwrap_or_else(|e| fatal(&e));
+    // SAFETY: only the macro's `fn main` calls this, as its first statement: no code of the
+    // program has run yet that could have started a thread.
+    unsafe { enter(config, main) }
+}
+
+/// The body of [`run`](crate::run).
+///
+/// # Safety
+///
+/// As for [`run`](crate::run): the process has one thread.
+pub(crate) unsafe fn enter<P, W, F, Fut>(config: Config, main: F) -> Fut::Output
+where
+    P: Message,
+    W: Message,
+    F: FnOnce(Context<P, W>) -> Fut,
+    Fut: Future,
+    Fut::Output: Outcome,
+{
+    // SAFETY: the caller guarantees that the process has one thread.
+    let role = unsafe { Role::detect() }.unwrap_or_else(|e| fatal(&e));
     let config = config.with_env().unwrap_or_else(|e| fatal(&e));
     match role {
         Role::Primary => runtime(config.primary_flavor).block_on(async move {

@@ -1,8 +1,5 @@
 //! The one wire enum: the framework's control messages and the user's typed messages.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 
 /// The crate version both sides compare in the handshake.
@@ -23,16 +20,8 @@ pub enum Wire<U> {
     },
 }
 
-/// An address a server is bound to, as the channel carries it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum BindAddr {
-    /// A TCP listener.
-    Tcp(SocketAddr),
-    /// A UDP socket.
-    Udp(SocketAddr),
-    /// A Unix-domain stream listener.
-    Unix(PathBuf),
-}
+/// A server address as the channel carries it: the public [`ListenAddress`](crate::net::ListenAddress).
+pub use crate::net::ListenAddress as BindAddr;
 
 /// How the primary serves a key: the scheduling policy, as it travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

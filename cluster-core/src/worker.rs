@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::channel::{self, Incoming, Outbox, Reader};
-use crate::error::{Error, ErrorKind};
+use crate::error::Error;
 use crate::message::{Message, pair_fingerprint};
 use crate::wire::VERSION;
 use crate::wire::{BindAddr, Control, Grant, Wire};
@@ -358,9 +358,8 @@ pub(crate) fn fatal(msg: &str) -> ! {
     std::process::exit(1)
 }
 
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send + Sync>() {}
-    is_send::<Worker<(), ()>>();
-    let _ = ErrorKind::Io;
-}
+// A worker's handle moves into spawned tasks and is shared between them.
+const _: fn() = || {
+    fn is_send_sync<T: Send + Sync>() {}
+    is_send_sync::<Worker<(), ()>>();
+};

@@ -411,7 +411,7 @@ impl<P: Message, W: Message> Primary<P, W> {
                     .await
                     .is_ok();
             if !(settled && ready(&new.shared.status.borrow())) {
-                let _ = new.kill_with(nix::sys::signal::Signal::SIGKILL);
+                let _ = new.kill_with(crate::signal::Signal::SIGKILL);
                 // Respawns must not use the build that just failed: back to the settings of
                 // the workers that serve.
                 let _ = self.inner.commands.send(Command::RestoreSettings).await;
@@ -436,7 +436,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             old.disconnect();
             let gone = tokio::time::timeout(grace, old.wait_until(|s| s.life.status().is_some()));
             if gone.await.is_err() {
-                let _ = old.kill_with(nix::sys::signal::Signal::SIGKILL);
+                let _ = old.kill_with(crate::signal::Signal::SIGKILL);
             }
         }
         Ok(())

@@ -311,7 +311,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             Command::SetPolicy { policy, reply } => {
                 let r = if self.frozen {
                     Err(Error::new(
-                        ErrorKind::Io,
+                        ErrorKind::InvalidState,
                         "the scheduling policy is frozen once the first worker is forked or `setup_primary` ran",
                     ))
                 } else {
@@ -729,7 +729,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 error: Error::new(ErrorKind::Unresponsive, message),
             });
             // The respawn policy, if any, replaces it.
-            let _ = w.kill_with(nix::sys::signal::Signal::SIGKILL);
+            let _ = w.kill_with(crate::signal::Signal::SIGKILL);
         }
     }
 
@@ -799,7 +799,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                         );
                     }
                     for e in self.entries.values() {
-                        let _ = e.worker.kill_with(nix::sys::signal::Signal::SIGKILL);
+                        let _ = e.worker.kill_with(crate::signal::Signal::SIGKILL);
                     }
                 }
                 Some(at) if at <= now => self.stopped(false),

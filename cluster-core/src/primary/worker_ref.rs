@@ -16,6 +16,7 @@ use crate::channel::Outbox;
 use crate::error::{Error, ErrorKind};
 use crate::event::{ExitStatus, WorkerState};
 use crate::message::Message;
+use crate::signal::Signal;
 use crate::wire::{Control, Wire};
 
 /// What the supervisor publishes about one worker; it alone writes it.
@@ -229,24 +230,28 @@ impl<W> WorkerRef<W> {
     /// Sends SIGTERM at once, with no disconnect handshake (Node's `worker.kill()`); afterwards
     /// `exited_after_disconnect()` is `Some(false)` unless a disconnect came first.
     pub fn kill(&self) -> Result<(), Error> {
-        self.kill_with(nix::sys::signal::Signal::SIGTERM)
+        self.kill_with(Signal::SIGTERM)
     }
 
     /// Sends `signal` to the worker process at once.
-    pub fn kill_with(&self, signal: nix::sys::signal::Signal) -> Result<(), Error> {
+    pub fn kill_with(&self, signal: Signal) -> Result<(), Error> {
         if self.is_dead() || self.pid() == 0 {
             return Err(Error::new(
                 ErrorKind::ChannelClosed,
                 format!("worker {} has already exited", self.id()),
             ));
         }
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).map_err(|e| {
-            Error::io(
-                ErrorKind::Io,
-                format!("cannot signal worker {}", self.id()),
-                e.into(),
-            )
-        })
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        signal
+            .to_nix()
+            .and_then(|s| nix::sys::signal::kill(pid, s))
+            .map_err(|e| {
+                Error::io(
+                    ErrorKind::Io,
+                    format!("cannot signal worker {}", self.id()),
+                    e.into(),
+                )
+            })
     }
 
     /// The worker's stdout, when [`Settings::silent`](crate::Settings::silent) was set at
