@@ -1085,7 +1085,7 @@ mod tests {
         // Admitted below the limit only: at most the limit plus the frame that crossed it.
         let queued = out.lock().user_bytes;
         assert!(
-            queued >= LIMIT && queued < LIMIT + MSG + 64,
+            (LIMIT..LIMIT + MSG + 64).contains(&queued),
             "{queued} bytes queued"
         );
         let reading = tokio::spawn(read_all(reader));
