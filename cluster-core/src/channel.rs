@@ -121,11 +121,12 @@ impl OutState {
         self.ordered.pop_front()
     }
 
+    /// Drops every queued chunk. A chunk being written stays counted until its writer
+    /// accounts for it.
     fn clear(&mut self) {
-        self.partial = None;
-        self.urgent.clear();
-        self.ordered.clear();
-        self.user_bytes = 0;
+        let dropped = self.partial.take().into_iter().chain(self.urgent.drain(..));
+        let dropped: usize = dropped.chain(self.ordered.drain(..)).map(|c| c.user).sum();
+        self.user_bytes -= dropped;
         self.last_ack = None;
     }
 }
@@ -343,7 +344,9 @@ impl Outbox {
             // Not all of it left (or the socket failed): the writer task takes over, and
             // meets the error itself if there is one.
             Ok(false) | Err(_) => {
-                if !st.closed {
+                if st.closed {
+                    st.user_bytes -= chunk.user;
+                } else {
                     st.partial = Some(chunk);
                 }
                 (true, false)
@@ -542,10 +545,12 @@ impl Outbox {
         }
     }
 
-    fn fail(&self) {
+    /// The socket failed while the writer task wrote `chunk`: everything queued is dropped.
+    fn fail(&self, chunk: Chunk) {
         let mut st = self.lock();
         st.closed = true;
         st.closing = true;
+        st.user_bytes -= chunk.user;
         st.clear();
         drop(st);
         self.room.notify_waiters();
@@ -672,7 +677,7 @@ pub(crate) fn spawn_writer(
             match ob.next_chunk() {
                 Some(Ok(chunk)) => {
                     if write_chunk(&stream, &chunk).await.is_err() {
-                        ob.fail();
+                        ob.fail(chunk);
                         break;
                     }
                     ob.chunk_done(chunk);

@@ -455,5 +455,11 @@ pub(crate) fn fatal(msg: &str) -> ! {
 fn _assert_send() {
     fn is_send<T: Send + Sync>() {}
     is_send::<Worker<(), ()>>();
+    // A message type need not be `Sync` for a task that sends it to be spawned.
+    fn send_is_send<P: Message>(w: &Worker<P, ()>, msg: &P) {
+        fn is_send<T: Send>(_: &T) {}
+        is_send(&w.send(msg));
+        is_send(&w.send_with_handle(msg, std::fs::File::open("/").unwrap().into()));
+    }
     let _ = ErrorKind::Io;
 }
