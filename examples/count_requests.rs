@@ -58,10 +58,11 @@ async fn main() -> anyhow::Result<()> {
             let Ok((stream, _)) = conn else { continue };
             let worker = worker.clone();
             let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
-                // Counted before the response goes out, so the count is exact once a client
-                // has its answer.
-                let _ = worker.send(&ToPrimary::NotifyRequest);
-                async {
+                let worker = worker.clone();
+                async move {
+                    // Counted before the response goes out, so the count is exact once a
+                    // client has its answer.
+                    let _ = worker.send(&ToPrimary::NotifyRequest).await;
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
                         b"hello world\n",
                     ))))

@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
             match event {
                 Event::Listening { worker, address } => {
                     println!("worker {} listening on {address}", worker.id());
-                    worker.send(&ToWorker::Shutdown)?;
+                    worker.send(&ToWorker::Shutdown).await?;
                     worker.disconnect();
                     let w = worker.clone();
                     tokio::spawn(async move {

@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
             match event {
                 Event::Online { worker } => {
                     for n in 0..PINGS {
-                        worker.send(&ToWorker::Ping(n))?;
+                        worker.send(&ToWorker::Ping(n)).await?;
                     }
                 }
                 Event::Message {
@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
     #[worker(worker)]
     {
         while let Some(ToWorker::Ping(n)) = worker.recv().await {
-            worker.send(&ToPrimary::Pong(n))?;
+            worker.send(&ToPrimary::Pong(n)).await?;
         }
     }
     Ok(())

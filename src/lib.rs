@@ -36,7 +36,7 @@
 //!             let (mut stream, _) = conn?;
 //!             stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nhi\n").await?;
 //!             served += 1;
-//!             let _ = worker.send(&ToPrimary::Served(served));
+//!             let _ = worker.send(&ToPrimary::Served(served)).await;
 //!         }
 //!     }
 //!     Ok(())
@@ -105,7 +105,7 @@ pub use cluster_core::{
 ///     }
 ///     #[worker(worker)]
 ///     {
-///         worker.send(&ToPrimary::Ready).unwrap();
+///         worker.send(&ToPrimary::Ready).await.unwrap();
 ///     }
 /// }
 /// ```
@@ -122,7 +122,7 @@ pub use cluster_core::{
 ///         }
 ///     }
 ///     if let Some(worker) = ctx.take_worker() {
-///         worker.send(&ToPrimary::Ready).unwrap();
+///         worker.send(&ToPrimary::Ready).await.unwrap();
 ///     }
 /// }
 ///

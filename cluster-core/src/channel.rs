@@ -1,9 +1,10 @@
 //! The async channel over a Unix socketpair: a coalescing writer and a frame reader.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -12,12 +13,19 @@ use tokio::net::UnixStream;
 use tokio::sync::{Notify, watch};
 
 use crate::error::{Error, ErrorKind};
-use crate::frame::{self, Decoder, FrameError, MAX_FDS_PER_FRAME};
+use crate::frame::{self, Decoder, FrameError, HEADER_LEN, MAX_FDS_PER_FRAME};
 use crate::sys;
 use crate::wire::{Control, Wire};
 
 /// Bytes after which the writer starts a new chunk, so one `sendmsg` stays a sensible size.
+/// Also the most user data an urgent control frame can find ahead of it in the outbox (the
+/// chunk being written), unless a single user frame is bigger.
 const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Default for [`Config::outbox_limit`](crate::Config::outbox_limit): 1 MiB of typed messages
+/// per channel and direction, a few hundred microseconds of the channel's throughput, so a
+/// burst is not throttled, and a slow peer costs its sender at most this much memory.
+pub(crate) const DEFAULT_OUTBOX_LIMIT: usize = 1024 * 1024;
 
 /// A frame that finds the outbox idle within this time of the last such frame is part of a
 /// burst: it waits for the writer task, so the burst leaves in few `sendmsg`s instead of one
@@ -44,14 +52,48 @@ impl OutFd {
 struct Chunk {
     bytes: Vec<u8>,
     fds: Vec<OutFd>,
+    /// Bytes of user frames in `bytes`: they count against the user limit until the whole
+    /// chunk has left.
+    user: usize,
+}
+
+/// Where a frame waits in the outbox.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// In stream order with the user's messages: user frames (`user`: they count against the
+    /// limit), and control frames whose meaning depends on what was sent before them
+    /// (`Disconnect` promises the messages before it were delivered, `Fatal` follows a
+    /// worker's last messages).
+    Ordered { user: bool },
+    /// Ahead of queued user frames: control frames whose place among user messages means
+    /// nothing (see [`Control::may_overtake`]).
+    Urgent,
+}
+
+impl Lane {
+    fn of<U>(msg: &Wire<U>) -> Lane {
+        match msg {
+            Wire::Control(c) if c.may_overtake() => Lane::Urgent,
+            Wire::Control(_) => Lane::Ordered { user: false },
+            Wire::User { .. } => Lane::Ordered { user: true },
+        }
+    }
 }
 
 #[derive(Default)]
 struct OutState {
-    chunks: VecDeque<Chunk>,
+    /// The chunk a write left half-sent: the stream is inside one of its frames, so it goes
+    /// before anything else.
+    partial: Option<Chunk>,
+    /// Control frames that may overtake user frames; always written before `ordered`.
+    urgent: VecDeque<Chunk>,
+    /// User frames and the control frames that keep their place among them.
+    ordered: VecDeque<Chunk>,
+    /// Bytes of user frames queued or being written: the sum of `user` over every chunk.
+    user_bytes: usize,
     spare: Vec<Vec<u8>>,
-    /// The last frame of the back chunk, when it is an `Accepted` that later ones may join:
-    /// (server, n, offset of the frame in the chunk).
+    /// The last frame of the back chunk of `urgent`, when it is an `Accepted` that later ones
+    /// may join: (server, n, offset of the frame in the chunk).
     last_ack: Option<(u32, u32, usize)>,
     /// When a frame last found the outbox idle (see [`BURST_GAP`]).
     last_idle: Option<std::time::Instant>,
@@ -61,54 +103,226 @@ struct OutState {
     closed: bool,
 }
 
+impl OutState {
+    fn is_empty(&self) -> bool {
+        self.partial.is_none() && self.urgent.is_empty() && self.ordered.is_empty()
+    }
+
+    /// The chunk to write next: the half-sent one, then urgent frames, then the rest.
+    fn pop_next(&mut self) -> Option<Chunk> {
+        if let Some(c) = self.partial.take() {
+            return Some(c);
+        }
+        if let Some(c) = self.urgent.pop_front() {
+            // It may have been the back chunk, which the merged acknowledgement points into.
+            self.last_ack = None;
+            return Some(c);
+        }
+        self.ordered.pop_front()
+    }
+
+    /// Drops every queued chunk. A chunk being written stays counted until its writer
+    /// accounts for it.
+    fn clear(&mut self) {
+        let dropped = self.partial.take().into_iter().chain(self.urgent.drain(..));
+        let dropped: usize = dropped.chain(self.ordered.drain(..)).map(|c| c.user).sum();
+        self.user_bytes -= dropped;
+        self.last_ack = None;
+    }
+}
+
 /// The sending half: any task encodes frames straight into the pending chunk under one short
 /// lock; one writer task sends whole chunks, so many small frames leave in one `sendmsg`. A
 /// frame that finds the outbox idle (nothing queued, nothing being written, no frame in the
 /// last few microseconds) is written at once on the caller's thread instead, which saves the
 /// writer task's wake-up on a lone message (a request, a reply, a ping).
+///
+/// Bounded: user frames are admitted while fewer than `user_limit` bytes of them wait
+/// ([`Outbox::send_user`] waits for room, [`Outbox::try_send_user`] fails with
+/// [`SendFail::Full`]). Control frames are never refused for room and do not count: their
+/// number is bounded by what the peer asks for (queries, pings) and by the connections the
+/// primary hands out, which it keeps itself until they are acknowledged. Urgent control
+/// frames go in their own lane, which the writer empties before user data, so a hand-off or a
+/// pong waits behind at most the one chunk being written, not behind the whole user queue.
 pub(crate) struct Outbox {
     state: Mutex<OutState>,
     stream: Arc<UnixStream>,
     wake: Notify,
+    /// Woken when the queued user bytes fall below the limit, or the outbox closes.
+    room: Notify,
     done: watch::Sender<bool>,
     max_frame: usize,
+    user_limit: usize,
 }
 
 impl Outbox {
-    /// Encodes `msg` as one frame carrying `fds`, behind earlier frames: written at once when
-    /// the outbox is idle, else queued for the writer task.
-    pub(crate) fn send<T: Serialize + ?Sized>(
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        // Sections are short and never span an `.await`; a panic inside one leaves the state
+        // consistent enough to close the channel, so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Encodes `msg` as one frame carrying `fds`, behind earlier frames of its lane: written at
+    /// once when the outbox is idle, else queued for the writer task. Never waits and is never
+    /// refused for room: a user frame given here counts against the limit but is admitted
+    /// even above it (the typed senders use [`Outbox::send_user`]).
+    pub(crate) fn send<U: Serialize>(
         &self,
-        msg: &T,
+        msg: &Wire<U>,
         fds: Vec<OwnedFd>,
     ) -> Result<(), SendFail> {
         let n = fds.len();
         self.push(
-            msg,
+            self.lock(),
+            |buf| encode(buf, msg, n),
             n,
             |c| c.extend(fds.into_iter().map(OutFd::Owned)),
+            Lane::of(msg),
             None,
             Wake::Inline,
         )
     }
 
+    /// Queues the user message `msg` (with `handle`, which the peer receives with it), waiting
+    /// while the user frames queued hold `user_limit` bytes or more; a message is admitted
+    /// whenever they are below, so one larger than the limit still goes (alone).
+    ///
+    /// The future does not borrow `msg` across its wait (a message found waiting is encoded
+    /// at once, so an error such as `TooLarge` comes before any wait), so it is `Send` for any
+    /// message type. Dropping it before it is ready sends nothing.
+    pub(crate) fn send_user<'a, U: Serialize + ?Sized>(
+        &'a self,
+        msg: &U,
+        handle: Option<OwnedFd>,
+    ) -> impl Future<Output = Result<(), SendFail>> + Send + use<'a, U> {
+        let mut handle = handle;
+        // The common case, room now: encoded in place, like any frame.
+        let (waiting, result) = match self.offer_user(msg, &mut handle) {
+            Err(SendFail::Full) => {
+                let mut frame = Vec::new();
+                let nfds = handle.iter().len();
+                match encode(&mut frame, &user_wire(msg, nfds > 0), nfds)
+                    .and_then(|len| self.check_len(len))
+                {
+                    Ok(()) => (Some(frame), Ok(())),
+                    Err(e) => (None, Err(e)),
+                }
+            }
+            done => (None, done),
+        };
+        async move {
+            let Some(frame) = waiting else {
+                return result;
+            };
+            loop {
+                let room = self.room.notified();
+                let mut room = std::pin::pin!(room);
+                // Registered before the check, so a wake-up between the check and the wait is
+                // not lost.
+                room.as_mut().enable();
+                match self.offer_encoded(&frame, &mut handle) {
+                    Err(SendFail::Full) => room.await,
+                    done => return done,
+                }
+            }
+        }
+    }
+
+    /// Queues the user message `msg` if the user frames queued hold fewer than `user_limit`
+    /// bytes; otherwise fails with [`SendFail::Full`] and sends nothing.
+    pub(crate) fn try_send_user<U: Serialize + ?Sized>(
+        &self,
+        msg: &U,
+        handle: Option<OwnedFd>,
+    ) -> Result<(), SendFail> {
+        let mut handle = handle;
+        self.offer_user(msg, &mut handle)
+    }
+
+    /// Encodes and queues a user frame when there is room; takes `handle` only then.
+    fn offer_user<U: Serialize + ?Sized>(
+        &self,
+        msg: &U,
+        handle: &mut Option<OwnedFd>,
+    ) -> Result<(), SendFail> {
+        let st = self.lock();
+        if !st.closing && !self.has_room(&st) {
+            return Err(SendFail::Full);
+        }
+        let n = handle.iter().len();
+        self.push(
+            st,
+            |buf| encode(buf, &user_wire(msg, n > 0), n),
+            n,
+            |c| c.extend(handle.take().map(OutFd::Owned)),
+            Lane::Ordered { user: true },
+            None,
+            Wake::Inline,
+        )
+    }
+
+    /// Queues a user frame encoded earlier (by a sender that had to wait) when there is room.
+    fn offer_encoded(&self, frame: &[u8], handle: &mut Option<OwnedFd>) -> Result<(), SendFail> {
+        let st = self.lock();
+        if !st.closing && !self.has_room(&st) {
+            return Err(SendFail::Full);
+        }
+        self.push(
+            st,
+            |buf| {
+                buf.extend_from_slice(frame);
+                Ok(frame.len() - HEADER_LEN)
+            },
+            handle.iter().len(),
+            |c| c.extend(handle.take().map(OutFd::Owned)),
+            Lane::Ordered { user: true },
+            None,
+            Wake::Inline,
+        )
+    }
+
+    /// Whether a user frame may join the queue now. At zero bytes always, so any limit, even
+    /// 0, lets messages through one at a time.
+    fn has_room(&self, st: &OutState) -> bool {
+        st.user_bytes == 0 || st.user_bytes < self.user_limit
+    }
+
+    fn check_len(&self, len: usize) -> Result<(), SendFail> {
+        if len > self.max_frame {
+            return Err(SendFail::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        Ok(())
+    }
+
     /// Queues `msg` with one descriptor that the caller keeps too: no copy is made; the
     /// outbox holds a reference until the descriptor has left in a `sendmsg`. Always written
     /// by the writer task, so descriptors handed out in a burst leave in few `sendmsg`s.
-    pub(crate) fn send_shared<T: Serialize + ?Sized>(
+    pub(crate) fn send_shared<U: Serialize>(
         &self,
-        msg: &T,
+        msg: &Wire<U>,
         fd: Arc<OwnedFd>,
     ) -> Result<(), SendFail> {
-        self.push(msg, 1, |c| c.push(OutFd::Shared(fd)), None, Wake::Writer)
+        self.push(
+            self.lock(),
+            |buf| encode(buf, msg, 1),
+            1,
+            |c| c.push(OutFd::Shared(fd)),
+            Lane::of(msg),
+            None,
+            Wake::Writer,
+        )
     }
 
     /// Writes what is queued now, on the caller's thread, unless a write is in progress; what
     /// the socket does not take at once (or what waits behind a write in progress) is left to
-    /// the writer task, woken for it. Order is kept: one writer at a time, oldest chunk first.
+    /// the writer task, woken for it. Order is kept: one writer at a time, a half-sent chunk
+    /// first.
     fn write_inline(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.chunks.is_empty() {
+        let mut st = self.lock();
+        if st.is_empty() {
             return;
         }
         if st.writing || st.closed {
@@ -116,45 +330,50 @@ impl Outbox {
             self.wake.notify_one();
             return;
         }
-        let mut chunk = st.chunks.pop_front().expect("checked non-empty");
-        st.last_ack = None;
+        let mut chunk = st.pop_next().expect("checked non-empty");
         st.writing = true;
         drop(st);
         let res = write_now(&self.stream, &mut chunk);
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
         st.writing = false;
-        let wake = match res {
+        let (wake, room) = match res {
             Ok(true) => {
-                recycle(&mut st, chunk.bytes);
-                !st.chunks.is_empty() || st.closing
+                let room = self.sent(&mut st, chunk);
+                (!st.is_empty() || st.closing, room)
             }
             // Not all of it left (or the socket failed): the writer task takes over, and
             // meets the error itself if there is one.
             Ok(false) | Err(_) => {
-                if !st.closed {
-                    st.chunks.push_front(chunk);
+                if st.closed {
+                    st.user_bytes -= chunk.user;
+                } else {
+                    st.partial = Some(chunk);
                 }
-                true
+                (true, false)
             }
         };
         drop(st);
         if wake {
             self.wake.notify_one();
         }
+        if room {
+            self.room.notify_waiters();
+        }
     }
 
-    /// Queues `Accepted { server, n: 1 }`. When the last queued frame is an unsent `Accepted`
-    /// for the same server, that frame's count grows instead: nothing was queued in between,
-    /// so the order of everything the peer sees is unchanged, with fewer frames.
+    /// Queues `Accepted { server, n: 1 }`. When the last urgent frame queued is an unsent
+    /// `Accepted` for the same server, that frame's count grows instead: nothing was queued in
+    /// between in its lane, so the order of everything the peer sees is unchanged, with fewer
+    /// frames.
     pub(crate) fn send_accepted(&self, server: u32) -> Result<(), SendFail> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
         if st.closing || st.closed {
             return Err(SendFail::Closed);
         }
-        if let (Some((s, n, at)), Some(chunk)) = (st.last_ack, st.chunks.back_mut()) {
-            if s != server {
-                return self.push_accepted_frame(st, server);
-            }
+        if let Some((s, n, at)) = st.last_ack
+            && s == server
+            && let Some(chunk) = st.urgent.back_mut()
+        {
             let n = n.saturating_add(1);
             chunk.bytes.truncate(at);
             let msg = Wire::<()>::Control(Control::Accepted { server, n });
@@ -162,42 +381,42 @@ impl Outbox {
             st.last_ack = Some((server, n, at));
             return Ok(());
         }
-        self.push_accepted_frame(st, server)
-    }
-
-    fn push_accepted_frame(
-        &self,
-        st: std::sync::MutexGuard<'_, OutState>,
-        server: u32,
-    ) -> Result<(), SendFail> {
-        drop(st);
+        let msg = Wire::<()>::Control(Control::Accepted { server, n: 1 });
         self.push(
-            &Wire::<()>::Control(Control::Accepted { server, n: 1 }),
+            st,
+            |buf| encode(buf, &msg, 0),
             0,
             |_| {},
+            Lane::Urgent,
             Some(server),
             Wake::Writer,
         )
     }
 
-    /// Encodes `msg` as one frame announcing `nfds` descriptors, which `add_fds` appends to
-    /// the chunk; `ack` marks the frame as an `Accepted` for that server that later ones join.
-    fn push<T: Serialize + ?Sized>(
+    /// Appends one frame, which `encode_into` writes into the chunk buffer (returning its
+    /// payload length) and which announces `nfds` descriptors, appended by `add_fds`, to
+    /// `lane`; `ack` marks the frame as an `Accepted` for that server that later ones join.
+    #[allow(clippy::too_many_arguments)]
+    fn push(
         &self,
-        msg: &T,
+        mut st: MutexGuard<'_, OutState>,
+        encode_into: impl FnOnce(&mut Vec<u8>) -> Result<usize, SendFail>,
         nfds: usize,
         add_fds: impl FnOnce(&mut Vec<OutFd>),
+        lane: Lane,
         ack: Option<u32>,
         wake: Wake,
     ) -> Result<(), SendFail> {
         debug_assert!(nfds <= MAX_FDS_PER_FRAME);
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.closing || st.closed {
             return Err(SendFail::Closed);
         }
-        // Set again below once this frame is in; cleared on every error path.
-        st.last_ack = None;
-        let was_empty = st.chunks.is_empty();
+        if lane == Lane::Urgent {
+            // Set again below once this frame is in; cleared on every error path. A frame of
+            // the other lane does not stand between two acknowledgements of this one.
+            st.last_ack = None;
+        }
+        let was_empty = st.is_empty();
         // Only a frame that finds the outbox idle may go inline; the clock is read for those
         // alone, so a burst pays for it once, not per frame.
         let quiet = matches!(wake, Wake::Inline) && was_empty && !st.writing && {
@@ -208,37 +427,46 @@ impl Outbox {
             st.last_idle = Some(now);
             quiet
         };
-        let need_new = match st.chunks.back() {
+        let state = &mut *st;
+        let (queue, spare) = match lane {
+            Lane::Urgent => (&mut state.urgent, &mut state.spare),
+            Lane::Ordered { .. } => (&mut state.ordered, &mut state.spare),
+        };
+        let need_new = match queue.back() {
             Some(c) => c.fds.len() + nfds > MAX_FDS_PER_FRAME || c.bytes.len() >= CHUNK_BYTES,
             None => true,
         };
         if need_new {
-            let bytes = st.spare.pop().unwrap_or_default();
-            st.chunks.push_back(Chunk {
+            let bytes = spare.pop().unwrap_or_default();
+            queue.push_back(Chunk {
                 bytes,
-                fds: Vec::new(),
+                ..Chunk::default()
             });
         }
-        let chunk = st.chunks.back_mut().expect("a chunk was just ensured");
+        let chunk = queue.back_mut().expect("a chunk was just ensured");
         let at = chunk.bytes.len();
-        // postcard fails only on types serde cannot express; `encode` then drops the frame.
-        let len = match frame::encode(&mut chunk.bytes, msg, nfds) {
-            Ok(len) => len,
-            Err(e) => return Err(SendFail::Encode(e.to_string())),
-        };
-        if len > self.max_frame {
-            chunk.bytes.truncate(at);
-            let empty = chunk.bytes.is_empty() && chunk.fds.is_empty();
-            if empty {
-                st.chunks.pop_back();
+        let res = encode_into(&mut chunk.bytes).and_then(|len| {
+            let res = self.check_len(len);
+            if res.is_err() {
+                chunk.bytes.truncate(at);
             }
-            return Err(SendFail::TooLarge {
-                len,
-                max: self.max_frame,
-            });
+            res
+        });
+        if let Err(e) = res {
+            if chunk.bytes.is_empty() && chunk.fds.is_empty() {
+                queue.pop_back();
+            }
+            return Err(e);
         }
         add_fds(&mut chunk.fds);
-        st.last_ack = ack.map(|s| (s, 1, at));
+        if lane == (Lane::Ordered { user: true }) {
+            let len = chunk.bytes.len() - at;
+            chunk.user += len;
+            state.user_bytes += len;
+        }
+        if lane == Lane::Urgent {
+            state.last_ack = ack.map(|s| (s, 1, at));
+        }
         drop(st);
         match wake {
             Wake::Writer if was_empty => self.wake.notify_one(),
@@ -250,27 +478,36 @@ impl Outbox {
         Ok(())
     }
 
+    /// Accounts for a chunk that has left; says whether user senders may go on now.
+    fn sent(&self, st: &mut OutState, chunk: Chunk) -> bool {
+        let had_room = self.has_room(st);
+        st.user_bytes -= chunk.user;
+        recycle(st, chunk.bytes);
+        !had_room && self.has_room(st)
+    }
+
     /// Stops accepting frames; the writer sends what is queued, then shuts the socket for writing.
     pub(crate) fn close(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
         st.closing = true;
         drop(st);
         self.wake.notify_one();
+        self.room.notify_waiters();
     }
 
     /// Drops whatever is queued and stops the writer at once.
     pub(crate) fn abort(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
         st.closing = true;
         st.closed = true;
-        st.chunks.clear();
-        st.last_ack = None;
+        st.clear();
         drop(st);
         self.wake.notify_one();
+        self.room.notify_waiters();
     }
 
     pub(crate) fn is_open(&self) -> bool {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = self.lock();
         !(st.closing || st.closed)
     }
 
@@ -281,13 +518,12 @@ impl Outbox {
     }
 
     fn next_chunk(&self) -> Option<Result<Chunk, ()>> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.lock();
         if st.writing {
             // Written inline right now; that writer wakes us when it is done.
             return None;
         }
-        if let Some(c) = st.chunks.pop_front() {
-            st.last_ack = None;
+        if let Some(c) = st.pop_next() {
             st.writing = true;
             return Some(Ok(c));
         }
@@ -299,19 +535,41 @@ impl Outbox {
     }
 
     /// The writer task sent a whole chunk.
-    fn chunk_done(&self, bytes: Vec<u8>) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    fn chunk_done(&self, chunk: Chunk) {
+        let mut st = self.lock();
         st.writing = false;
-        recycle(&mut st, bytes);
+        let room = self.sent(&mut st, chunk);
+        drop(st);
+        if room {
+            self.room.notify_waiters();
+        }
     }
 
-    fn fail(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    /// The socket failed while the writer task wrote `chunk`: everything queued is dropped.
+    fn fail(&self, chunk: Chunk) {
+        let mut st = self.lock();
         st.closed = true;
         st.closing = true;
-        st.chunks.clear();
-        st.last_ack = None;
+        st.user_bytes -= chunk.user;
+        st.clear();
+        drop(st);
+        self.room.notify_waiters();
     }
+}
+
+/// The wire form of a user message, borrowed.
+fn user_wire<U: ?Sized>(msg: &U, handle: bool) -> Wire<&U> {
+    Wire::User { msg, handle }
+}
+
+/// [`frame::encode`] with its error as a [`SendFail`].
+fn encode<T: Serialize + ?Sized>(
+    buf: &mut Vec<u8>,
+    msg: &T,
+    nfds: usize,
+) -> Result<usize, SendFail> {
+    // postcard fails only on types serde cannot express; `encode` then leaves `buf` as it was.
+    frame::encode(buf, msg, nfds).map_err(|e| SendFail::Encode(e.to_string()))
 }
 
 /// Keeps a sent chunk's buffer for reuse.
@@ -365,7 +623,12 @@ fn write_now(stream: &UnixStream, chunk: &mut Chunk) -> io::Result<bool> {
 #[derive(Debug)]
 pub(crate) enum SendFail {
     Closed,
-    TooLarge { len: usize, max: usize },
+    /// The user queue holds its limit of bytes (only from the `try_` senders).
+    Full,
+    TooLarge {
+        len: usize,
+        max: usize,
+    },
     Encode(String),
 }
 
@@ -373,6 +636,13 @@ impl SendFail {
     pub(crate) fn into_error(self, id: u32) -> Error {
         match self {
             SendFail::Closed => Error::closed(id),
+            SendFail::Full => Error::new(
+                ErrorKind::Full,
+                format!(
+                    "the channel of worker {id} is full: the peer has not read the messages \
+                     sent before"
+                ),
+            ),
             SendFail::TooLarge { len, max } => Error::new(
                 ErrorKind::FrameTooLarge,
                 format!("message of {len} bytes exceeds the channel's limit of {max} bytes"),
@@ -384,15 +654,22 @@ impl SendFail {
     }
 }
 
-/// Starts the writer task for `stream` and returns the outbox that feeds it.
-pub(crate) fn spawn_writer(stream: Arc<UnixStream>, max_frame: usize) -> Arc<Outbox> {
+/// Starts the writer task for `stream` and returns the outbox that feeds it; user frames wait
+/// once `user_limit` bytes of them are queued.
+pub(crate) fn spawn_writer(
+    stream: Arc<UnixStream>,
+    max_frame: usize,
+    user_limit: usize,
+) -> Arc<Outbox> {
     let (done, _) = watch::channel(false);
     let outbox = Arc::new(Outbox {
         state: Mutex::new(OutState::default()),
         stream: stream.clone(),
         wake: Notify::new(),
+        room: Notify::new(),
         done,
         max_frame,
+        user_limit,
     });
     let ob = outbox.clone();
     tokio::spawn(async move {
@@ -400,10 +677,10 @@ pub(crate) fn spawn_writer(stream: Arc<UnixStream>, max_frame: usize) -> Arc<Out
             match ob.next_chunk() {
                 Some(Ok(chunk)) => {
                     if write_chunk(&stream, &chunk).await.is_err() {
-                        ob.fail();
+                        ob.fail(chunk);
                         break;
                     }
-                    ob.chunk_done(chunk.bytes);
+                    ob.chunk_done(chunk);
                 }
                 Some(Err(())) => {
                     let _ = nix::sys::socket::shutdown(
@@ -446,6 +723,8 @@ pub(crate) struct Reader {
     decoder: Decoder,
     fds: VecDeque<OwnedFd>,
     eof: bool,
+    /// Payload bytes of the frame `next` returned last.
+    last_len: usize,
 }
 
 /// What the reader produced.
@@ -498,7 +777,14 @@ impl Reader {
             decoder: Decoder::new(max_frame),
             fds: VecDeque::new(),
             eof: false,
+            last_len: 0,
         }
+    }
+
+    /// The payload size of the frame [`Reader::next`] returned last, which a receiver counts
+    /// against its limit: what the peer paid for the message, whatever its decoded size.
+    pub(crate) fn last_len(&self) -> usize {
+        self.last_len
     }
 
     /// Whether the next message is already buffered (no read needed).
@@ -516,6 +802,7 @@ impl Reader {
                     return Err(ReadFail::MissingFds);
                 }
                 let fds = self.fds.drain(..nfds).collect();
+                self.last_len = payload.len();
                 return Ok(Incoming::Frame(msg, fds));
             }
             if self.eof {
@@ -558,7 +845,7 @@ mod tests {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let a = into_stream(a.into()).unwrap();
         let b = into_stream(b.into()).unwrap();
-        let out = spawn_writer(a, 1024);
+        let out = spawn_writer(a, 1024, DEFAULT_OUTBOX_LIMIT);
         let (mut pr, mut pw) = std::io::pipe().unwrap();
         for i in 0..1000u32 {
             let fds = if i == 500 {
@@ -604,7 +891,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_send_is_refused_and_the_channel_stays_usable() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let out = spawn_writer(into_stream(a.into()).unwrap(), 64);
+        let out = spawn_writer(into_stream(a.into()).unwrap(), 64, DEFAULT_OUTBOX_LIMIT);
         let big = vec![0u8; 100];
         assert!(matches!(
             out.send(
@@ -630,7 +917,7 @@ mod tests {
     #[tokio::test]
     async fn acknowledgements_merge_while_queued_and_keep_their_order() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let out = spawn_writer(into_stream(a.into()).unwrap(), 1024);
+        let out = spawn_writer(into_stream(a.into()).unwrap(), 1024, DEFAULT_OUTBOX_LIMIT);
         // The writer task has not run yet (current-thread runtime): all of this stays queued.
         for _ in 0..300 {
             out.send_accepted(7).unwrap();
@@ -660,7 +947,7 @@ mod tests {
     #[tokio::test]
     async fn a_shared_descriptor_stays_with_its_other_owner() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let out = spawn_writer(into_stream(a.into()).unwrap(), 1024);
+        let out = spawn_writer(into_stream(a.into()).unwrap(), 1024, DEFAULT_OUTBOX_LIMIT);
         let (mut pr, pw) = std::io::pipe().unwrap();
         let kept = Arc::new(OwnedFd::from(pw));
         out.send_shared(
@@ -700,7 +987,11 @@ mod tests {
             .unwrap();
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let out = rt.block_on(async {
-            let out = spawn_writer(into_stream(a.into()).unwrap(), 1 << 20);
+            let out = spawn_writer(
+                into_stream(a.into()).unwrap(),
+                1 << 20,
+                DEFAULT_OUTBOX_LIMIT,
+            );
             // Let the reactor see the socket writable, so inline writes are possible at all.
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             out
@@ -737,6 +1028,153 @@ mod tests {
         out.close();
         rt.block_on(out.finished());
         assert_eq!(reader.join().unwrap(), N);
+    }
+
+    /// Polls `f` once, without a task to wake: tells whether it is ready now.
+    fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
+    const LIMIT: usize = 64 * 1024;
+    const MSG: usize = 16 * 1024;
+
+    /// A socketpair with an outbox of limit [`LIMIT`] on one end and a reader on the other.
+    fn bounded_pair() -> (Arc<Outbox>, Reader) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let out = spawn_writer(into_stream(a.into()).unwrap(), 1 << 20, LIMIT);
+        (out, Reader::new(into_stream(b.into()).unwrap(), 1 << 20))
+    }
+
+    /// Sends user frames of [`MSG`] bytes, numbered from 0, until one is refused as full; the
+    /// writer task cannot run meanwhile (current-thread runtime), so the queue only grows.
+    fn fill(out: &Outbox) -> u32 {
+        for i in 0..10_000u32 {
+            match out.try_send_user(&(i, vec![0u8; MSG]), None) {
+                Ok(()) => {}
+                Err(SendFail::Full) => return i,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        panic!("10 000 frames of {MSG} bytes queued without the limit of {LIMIT} taking effect");
+    }
+
+    /// Reads frames until end of stream: user frames as their number, control frames by name.
+    async fn read_all(mut r: Reader) -> Vec<String> {
+        let mut got = Vec::new();
+        loop {
+            match r.next::<(u32, Vec<u8>)>().await.unwrap() {
+                Incoming::Frame(Wire::User { msg: (i, _), .. }, _) => got.push(i.to_string()),
+                Incoming::Frame(Wire::Control(c), _) => got.push(format!("{c:?}")),
+                Incoming::Eof => return got,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn send_user_waits_over_the_limit_and_resumes_when_the_writer_drains() {
+        let (out, reader) = bounded_pair();
+        let mut sent = 0u32;
+        let mut waiting = None;
+        for i in 0..10_000u32 {
+            let mut f = Box::pin(out.send_user(&(i, vec![0u8; MSG]), None));
+            match poll_once(f.as_mut()) {
+                std::task::Poll::Ready(r) => r.unwrap(),
+                std::task::Poll::Pending => {
+                    waiting = Some(f);
+                    break;
+                }
+            }
+            sent += 1;
+        }
+        let waiting = waiting.expect("send_user never waited");
+        // Admitted below the limit only: at most the limit plus the frame that crossed it.
+        let queued = out.lock().user_bytes;
+        assert!(
+            (LIMIT..LIMIT + MSG + 64).contains(&queued),
+            "{queued} bytes queued"
+        );
+        let reading = tokio::spawn(read_all(reader));
+        // The writer drains the queue into the socket, which the reader empties: room again.
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("send_user still waiting after the writer drained the queue")
+            .unwrap();
+        out.close();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), reading)
+            .await
+            .unwrap()
+            .unwrap();
+        let want: Vec<String> = (0..=sent).map(|i| i.to_string()).collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn try_send_user_says_full_and_a_big_frame_still_goes_alone() {
+        let (out, reader) = bounded_pair();
+        let n = fill(&out);
+        assert!(matches!(
+            out.try_send_user(&(n, vec![0u8; 1]), None),
+            Err(SendFail::Full)
+        ));
+        let e = SendFail::Full.into_error(3);
+        assert_eq!(e.kind(), ErrorKind::Full);
+        let reading = tokio::spawn(read_all(reader));
+        // Bigger than the whole limit: admitted once the queue is below it.
+        let big = (n, vec![0u8; 2 * LIMIT]);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            out.send_user(&big, None),
+        )
+        .await
+        .expect("a frame above the limit waited forever")
+        .unwrap();
+        out.close();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), reading)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.len() as u32, n + 1);
+        // A closed outbox says closed, full or not.
+        assert!(matches!(
+            out.try_send_user(&(0u32, vec![0u8; 1]), None),
+            Err(SendFail::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn control_frames_pass_a_full_user_queue() {
+        let (out, reader) = bounded_pair();
+        let n = fill(&out);
+        // None of these waits or is refused, although user frames are.
+        out.send(&Wire::<()>::Control(Control::Ping(9)), vec![])
+            .unwrap();
+        out.send_accepted(4).unwrap();
+        let (_pr, pw) = std::io::pipe().unwrap();
+        out.send_shared(
+            &Wire::<()>::Control(Control::Conn { server: 4 }),
+            Arc::new(OwnedFd::from(pw)),
+        )
+        .unwrap();
+        // Lifecycle control keeps its place behind the user frames.
+        out.send(&Wire::<()>::Control(Control::Disconnect), vec![])
+            .unwrap();
+        assert!(matches!(
+            out.try_send_user(&(n, vec![0u8; 1]), None),
+            Err(SendFail::Full)
+        ));
+        out.close();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), read_all(reader))
+            .await
+            .unwrap();
+        let ping = got.iter().position(|f| f == "Ping(9)").unwrap();
+        // At most the frame being written when it was queued (here the first, inline or
+        // half-sent) goes before it, not the megabytes behind.
+        assert!(ping <= 1, "ping came after {ping} frames: {got:?}");
+        assert_eq!(got[ping + 1], "Accepted { server: 4, n: 1 }");
+        assert_eq!(got[ping + 2], "Conn { server: 4 }");
+        assert_eq!(got.last().unwrap(), "Disconnect");
+        let users: Vec<&String> = got.iter().filter(|f| f.parse::<u32>().is_ok()).collect();
+        assert_eq!(users.len() as u32, n);
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::channel::DEFAULT_OUTBOX_LIMIT;
 use crate::frame::DEFAULT_MAX_FRAME;
 
 /// How many workers the primary starts.
@@ -143,6 +144,14 @@ pub struct Config {
     pub worker_flavor: Flavor,
     /// The largest frame either side accepts, in bytes (default 16 MiB).
     pub max_frame: usize,
+    /// How many bytes of typed messages may wait on each channel, in each direction, before
+    /// senders wait (default 1 MiB): in the sender's outbox, `send` waits and `try_send` fails
+    /// with [`ErrorKind::Full`](crate::ErrorKind::Full) until the peer has read enough; in the
+    /// receiver, unread messages past this many bytes stop the reading of the channel, so the
+    /// socket fills and the sender's outbox with it. A message is admitted while the bytes
+    /// queued are below the limit, so one larger than the limit still goes. Control frames
+    /// (connection hand-offs, acknowledgements, heartbeats) never count and never wait.
+    pub outbox_limit: usize,
 }
 
 impl Default for Config {
@@ -153,6 +162,7 @@ impl Default for Config {
             primary_flavor: Flavor::CurrentThread,
             worker_flavor: Flavor::CurrentThread,
             max_frame: DEFAULT_MAX_FRAME,
+            outbox_limit: DEFAULT_OUTBOX_LIMIT,
         }
     }
 }

@@ -11,6 +11,10 @@ pub enum ErrorKind {
     Spawn,
     /// The channel to the peer is closed: the worker is dead or disconnected.
     ChannelClosed,
+    /// The channel holds as many unsent messages as its limit
+    /// ([`Config::outbox_limit`](crate::Config::outbox_limit)) allows; `try_send` returns it
+    /// where `send` would wait. Nothing was sent; try again once the peer has read.
+    Full,
     /// A frame exceeded the configured maximum size.
     FrameTooLarge,
     /// Bytes on the channel that are not a valid frame or message.

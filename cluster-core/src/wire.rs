@@ -119,3 +119,22 @@ pub enum Control {
         message: String,
     },
 }
+
+impl Control {
+    /// Whether this frame may pass user messages queued before it. True for those whose place
+    /// among user messages means nothing and which must not wait behind them: connection
+    /// hand-offs (a client is waiting), their acknowledgements (the primary holds the
+    /// connection until then), heartbeats (a slow queue is not a dead peer), and the answer to
+    /// a server query (the `Conn` frames that follow it must not arrive first). The others
+    /// keep stream order: a `Disconnect` or `Fatal` speaks about the messages before it.
+    pub(crate) fn may_overtake(&self) -> bool {
+        matches!(
+            self,
+            Control::Conn { .. }
+                | Control::Accepted { .. }
+                | Control::Ping(_)
+                | Control::Pong(_)
+                | Control::ServerReply { .. }
+        )
+    }
+}

@@ -2,13 +2,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::channel::{self, Incoming, Outbox, Reader};
 use crate::error::Error;
@@ -133,8 +134,17 @@ impl Link {
     }
 }
 
-/// Messages from the primary waiting for `recv`, with the descriptor that came with each.
-type Inbox<W> = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(W, Option<OwnedFd>)>>>;
+/// Messages from the primary waiting for `recv`. The channel itself is unbounded, but each
+/// message holds its share of the inbox's byte budget until `recv` takes it: when the budget
+/// is spent, the reader stops reading the socket (see [`read_primary`]).
+type Inbox<W> = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Inbound<W>>>>;
+
+/// A message from the primary, the descriptor that came with it, and its room in the inbox.
+struct Inbound<W> {
+    msg: W,
+    fd: Option<OwnedFd>,
+    _room: OwnedSemaphorePermit,
+}
 
 /// This worker's own handle (Node's `cluster.worker`): its id, typed messages both ways,
 /// `disconnect` and `kill`.
@@ -162,13 +172,14 @@ impl<P, W> fmt::Debug for Worker<P, W> {
 
 impl<P: Message, W: Message> Worker<P, W> {
     /// Connects to the primary over `channel` and passes the handshake; exits the process with a
-    /// clear message when the primary refuses this worker.
-    pub(crate) async fn start(id: u32, channel: OwnedFd, max_frame: usize) -> Self {
+    /// clear message when the primary refuses this worker. `limit` bounds the bytes of user
+    /// messages waiting in each direction ([`Config::outbox_limit`](crate::Config)).
+    pub(crate) async fn start(id: u32, channel: OwnedFd, max_frame: usize, limit: usize) -> Self {
         let stream = match channel::into_stream(channel) {
             Ok(s) => s,
             Err(e) => fatal(&format!("worker {id}: cannot use the channel: {e}")),
         };
-        let outbox = channel::spawn_writer(stream.clone(), max_frame);
+        let outbox = channel::spawn_writer(stream.clone(), max_frame, limit);
         let (closing, _) = watch::channel(false);
         let link = Arc::new(Link {
             id,
@@ -192,7 +203,14 @@ impl<P: Message, W: Message> Worker<P, W> {
             vec![],
         );
         let reader = Reader::new(stream, max_frame);
-        tokio::spawn(read_primary::<W>(link.clone(), reader, inbox_tx, hello_tx));
+        let room = InboxRoom::new(limit);
+        tokio::spawn(read_primary::<W>(
+            link.clone(),
+            reader,
+            inbox_tx,
+            room,
+            hello_tx,
+        ));
         match tokio::time::timeout(Duration::from_secs(60), hello_rx).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(reason))) => fatal(&format!("worker {id} refused by the primary: {reason}")),
@@ -209,20 +227,49 @@ impl<P: Message, W: Message> Worker<P, W> {
         }
     }
 
-    /// Sends a typed message to the primary, where it arrives as `Event::Message`.
-    pub fn send(&self, msg: &P) -> Result<(), Error> {
+    /// Sends a typed message to the primary, where it arrives as `Event::Message`. Waits while
+    /// the messages the primary has not read yet hold
+    /// [`Config::outbox_limit`](crate::Config::outbox_limit) bytes; fails when the channel is
+    /// closed or the message exceeds the frame limit. Dropped before it is ready, it sends
+    /// nothing.
+    ///
+    /// An `async fn` in effect; the future borrows `self` but not `msg`, so it is `Send`
+    /// whatever `P` is.
+    pub fn send<'a>(
+        &'a self,
+        msg: &P,
+    ) -> impl Future<Output = Result<(), Error>> + Send + use<'a, P, W> {
+        self.send_frame(msg, None)
+    }
+
+    /// Sends a message with a descriptor the primary receives in `Event::Message::handle`;
+    /// waits for room like [`Worker::send`].
+    pub fn send_with_handle<'a>(
+        &'a self,
+        msg: &P,
+        handle: OwnedFd,
+    ) -> impl Future<Output = Result<(), Error>> + Send + use<'a, P, W> {
+        self.send_frame(msg, Some(handle))
+    }
+
+    /// Sends a typed message if the channel has room now; otherwise fails with
+    /// [`ErrorKind::Full`] and sends nothing. For code that cannot wait (a sync callback, a
+    /// thread) or would rather drop a message than wait.
+    pub fn try_send(&self, msg: &P) -> Result<(), Error> {
         self.link
             .outbox
-            .send(&Wire::User { msg, handle: false }, vec![])
+            .try_send_user(msg, None)
             .map_err(|e| e.into_error(self.link.id))
     }
 
-    /// Sends a message with a descriptor the primary receives in `Event::Message::handle`.
-    pub fn send_with_handle(&self, msg: &P, handle: OwnedFd) -> Result<(), Error> {
-        self.link
-            .outbox
-            .send(&Wire::User { msg, handle: true }, vec![handle])
-            .map_err(|e| e.into_error(self.link.id))
+    fn send_frame<'a>(
+        &'a self,
+        msg: &P,
+        handle: Option<OwnedFd>,
+    ) -> impl Future<Output = Result<(), Error>> + Send + use<'a, P, W> {
+        let link = &self.link;
+        let sent = link.outbox.send_user(msg, handle);
+        async move { sent.await.map_err(|e| e.into_error(link.id)) }
     }
 
     /// The next message from the primary; `None` once the worker is disconnecting and every
@@ -233,7 +280,9 @@ impl<P: Message, W: Message> Worker<P, W> {
 
     /// The next message with the descriptor that came with it, if any.
     pub async fn recv_with_handle(&self) -> Option<(W, Option<OwnedFd>)> {
-        self.inbox.lock().await.recv().await
+        let next = self.inbox.lock().await.recv().await;
+        // Taking it frees its room in the inbox: the reader may read on.
+        next.map(|m| (m.msg, m.fd))
     }
 }
 
@@ -264,10 +313,44 @@ impl<P, W> Worker<P, W> {
     }
 }
 
+/// The byte budget of the inbox: permits are bytes of messages not yet taken by `recv`.
+struct InboxRoom {
+    permits: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl InboxRoom {
+    fn new(limit: usize) -> Self {
+        // At least one permit, so a limit of 0 still lets messages through one at a time.
+        let limit = limit.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        InboxRoom {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// Waits until a message of `len` bytes fits. One larger than the whole budget takes all
+    /// of it: it waits for an empty inbox, then goes alone.
+    async fn reserve(&self, len: usize) -> OwnedSemaphorePermit {
+        let n = len.clamp(1, self.limit) as u32;
+        self.permits
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .expect("the inbox semaphore is never closed")
+    }
+}
+
+/// Reads everything the primary sends. User messages go to the inbox while it has room; when
+/// it is full this task stops reading until `recv` takes some, so the socket buffer fills and
+/// the primary's `send` for this worker waits: the primary's memory stays bounded by this
+/// worker's limit. Control frames behind the unread messages wait too (the stream has one
+/// order): a worker that leaves its messages unread for long answers heartbeats late.
 async fn read_primary<W: Message>(
     link: Arc<Link>,
     mut reader: Reader,
-    inbox: mpsc::UnboundedSender<(W, Option<OwnedFd>)>,
+    inbox: mpsc::UnboundedSender<Inbound<W>>,
+    room: InboxRoom,
     hello: oneshot::Sender<Result<(), String>>,
 ) {
     let mut hello = Some(hello);
@@ -334,7 +417,17 @@ async fn read_primary<W: Message>(
             Ok(Incoming::Frame(Wire::User { msg, handle }, fds)) => {
                 if let Some(tx) = &inbox {
                     let fd = if handle { fds.into_iter().next() } else { None };
-                    let _ = tx.send((msg, fd));
+                    // A worker whose handles are all dropped reads no more: its messages are
+                    // dropped rather than waited for, so the channel stays read.
+                    let permit = tokio::select! {
+                        p = room.reserve(reader.last_len()) => p,
+                        () = tx.closed() => continue,
+                    };
+                    let _ = tx.send(Inbound {
+                        msg,
+                        fd,
+                        _room: permit,
+                    });
                 }
             }
             Ok(Incoming::Eof) => break,
@@ -362,4 +455,14 @@ pub(crate) fn fatal(msg: &str) -> ! {
 const _: fn() = || {
     fn is_send_sync<T: Send + Sync>() {}
     is_send_sync::<Worker<(), ()>>();
+};
+
+// A message type need not be `Sync` for a task that sends it to be spawned.
+const _: () = {
+    #[allow(dead_code)]
+    fn send_is_send<P: Message>(w: &Worker<P, ()>, msg: &P, fd: OwnedFd) {
+        fn is_send<T: Send>(_: &T) {}
+        is_send(&w.send(msg));
+        is_send(&w.send_with_handle(msg, fd));
+    }
 };

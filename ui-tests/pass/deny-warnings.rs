@@ -35,7 +35,7 @@ async fn main() -> Result<(), cluster::Error> {
         ) -> Result<(), cluster::Error> {
             let ToPrimary::Hello(n) = msg;
             assert_eq!(n, worker.id());
-            worker.send(&ToWorker { stop: true })
+            worker.send(&ToWorker { stop: true }).await
         }
 
         #[on(exit)]
@@ -50,7 +50,7 @@ async fn main() -> Result<(), cluster::Error> {
     }
     #[worker(worker)]
     {
-        worker.send(&ToPrimary::Hello(worker.id()))?;
+        worker.send(&ToPrimary::Hello(worker.id())).await?;
         while let Some(msg) = worker.recv().await {
             if msg.stop {
                 break;

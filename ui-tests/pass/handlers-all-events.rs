@@ -100,7 +100,7 @@ async fn main() {
     {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        worker.send(&Listening { port }).unwrap();
+        worker.send(&Listening { port }).await.unwrap();
         // Until the primary disconnects.
         while worker.recv().await.is_some() {}
     }

@@ -20,7 +20,7 @@ macro_rules! cluster_app {
             }
             #[worker(worker)]
             {
-                worker.send(&$msg($value)).unwrap();
+                worker.send(&$msg($value)).await.unwrap();
             }
         }
     };

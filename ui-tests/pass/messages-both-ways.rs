@@ -19,7 +19,7 @@ async fn main() {
     {
         while let Some(event) = cluster.next_event().await {
             match event {
-                Event::Online { worker } => worker.send(&ToWorker::Ping(7)).unwrap(),
+                Event::Online { worker } => worker.send(&ToWorker::Ping(7)).await.unwrap(),
                 Event::Message { msg, .. } => {
                     assert_eq!(msg.pong, 7);
                     assert_eq!(msg.from, "worker 1");
@@ -41,6 +41,7 @@ async fn main() {
                 pong: n,
                 from: format!("worker {}", worker.id()),
             })
+            .await
             .unwrap();
     }
 }

@@ -10,7 +10,7 @@ async fn main() {
     #[primary(cluster)]
     {
         for worker in cluster.workers() {
-            let _ = worker.send(&ToWorker::Stop);
+            let _ = worker.send(&ToWorker::Stop).await;
         }
         cluster.disconnect().await;
     }

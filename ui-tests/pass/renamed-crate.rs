@@ -23,6 +23,6 @@ async fn main() {
     }
     #[worker(worker)]
     {
-        worker.send(&ToPrimary::Hello(42)).unwrap();
+        worker.send(&ToPrimary::Hello(42)).await.unwrap();
     }
 }

@@ -40,6 +40,6 @@ async fn main() {
     }
     #[worker(worker)]
     {
-        worker.send(&ToPrimary::Done(1)).unwrap();
+        worker.send(&ToPrimary::Done(1)).await.unwrap();
     }
 }

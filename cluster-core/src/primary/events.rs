@@ -2,9 +2,12 @@
 //!
 //! One queue, so a worker's messages keep their order relative to its lifecycle events. Two
 //! kinds of producers, bounded in two ways:
-//! - Messages (the readers): at most [`MESSAGE_LIMIT`] wait unread. A reader takes a permit per
-//!   message before queueing it; with none left it waits, so it stops reading its channel and
-//!   the kernel's socket buffer pushes back on that worker alone.
+//! - Messages (the readers): each worker has a budget of
+//!   [`Config::outbox_limit`](crate::Config::outbox_limit) bytes of messages unread by the
+//!   user (payload plus the event's own size). A reader pays for a batch before queueing it;
+//!   without the budget it waits, so it stops reading its channel and the kernel's socket buffer
+//!   pushes back on that worker alone, while the other workers' messages keep flowing. The
+//!   budget comes back as the user reads.
 //! - Lifecycle events and errors (the supervisor, which must never wait on the user): bounded
 //!   by construction, a handful per fork, and forks are made by the user or the respawn policy
 //!   (which the crash-loop guard stops).
@@ -20,13 +23,6 @@ use crate::config::Settings;
 use crate::error::Error;
 use crate::event::ExitStatus;
 use crate::net::ListenAddress;
-
-/// How many user messages may wait unread in the primary before the readers stop reading.
-pub(crate) const MESSAGE_LIMIT: usize = 16 * 1024;
-
-/// Permits handed back to the readers at once, so the hot path does not touch the semaphore
-/// per message.
-const RELEASE_BATCH: usize = 256;
 
 /// What happened in the cluster, in Node's order for each worker:
 /// `Fork`, `Online`, `Listening` (once per server), then `Disconnect` and `Exit`.
@@ -119,20 +115,29 @@ impl<P, W> Event<P, W> {
 /// worker's channel, handed over at once (one wake-up for the consumer).
 enum Delivery<P, W> {
     One(Event<P, W>),
-    Many(Vec<Event<P, W>>),
+    Messages(Vec<Event<P, W>>, Paid),
+}
+
+/// What a batch of messages cost its worker's budget, returned once the user read them all.
+struct Paid {
+    cost: u32,
+    budget: Arc<Semaphore>,
+}
+
+/// One worker's budget of unread message bytes.
+pub(crate) fn budget(limit: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(limit.clamp(1, Semaphore::MAX_PERMITS)))
 }
 
 /// The producers' side; cheap to clone.
 pub(crate) struct EventTx<P, W> {
     tx: mpsc::UnboundedSender<Delivery<P, W>>,
-    permits: Arc<Semaphore>,
 }
 
 impl<P, W> Clone for EventTx<P, W> {
     fn clone(&self) -> Self {
         EventTx {
             tx: self.tx.clone(),
-            permits: self.permits.clone(),
         }
     }
 }
@@ -141,24 +146,18 @@ impl<P, W> Clone for EventTx<P, W> {
 pub(crate) struct Inbox<P, W> {
     rx: mpsc::UnboundedReceiver<Delivery<P, W>>,
     buf: VecDeque<Event<P, W>>,
-    permits: Arc<Semaphore>,
-    /// Messages read whose permits are not yet back with the readers.
-    owed: usize,
+    /// The batches of messages in `buf`, oldest first, with how many of each are unread.
+    batches: VecDeque<(usize, Paid)>,
 }
 
 pub(crate) fn queue<P, W>() -> (EventTx<P, W>, Inbox<P, W>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let permits = Arc::new(Semaphore::new(MESSAGE_LIMIT));
     (
-        EventTx {
-            tx,
-            permits: permits.clone(),
-        },
+        EventTx { tx },
         Inbox {
             rx,
             buf: VecDeque::new(),
-            permits,
-            owed: 0,
+            batches: VecDeque::new(),
         },
     )
 }
@@ -170,17 +169,25 @@ impl<P, W> EventTx<P, W> {
         let _ = self.tx.send(Delivery::One(ev));
     }
 
-    /// Queues the messages of one read, waiting while [`MESSAGE_LIMIT`] messages are unread.
-    pub(crate) async fn messages(&self, batch: &mut Vec<Event<P, W>>) {
-        let n = batch.len();
-        if n == 0 {
+    /// Queues the messages of one read, which cost `cost` bytes, once `budget` (the sending
+    /// worker's, of `limit` bytes) has room for them; a batch dearer than the whole budget
+    /// waits for all of it and goes alone.
+    pub(crate) async fn messages(
+        &self,
+        batch: &mut Vec<Event<P, W>>,
+        cost: usize,
+        budget: &Arc<Semaphore>,
+        limit: usize,
+    ) {
+        if batch.is_empty() {
             return;
         }
-        // A batch is at most a read's worth (the reader caps it far below the limit).
-        let want = n.min(MESSAGE_LIMIT) as u32;
-        match self.permits.try_acquire_many(want) {
+        let cost = cost
+            .clamp(1, limit.clamp(1, Semaphore::MAX_PERMITS))
+            .min(u32::MAX as usize) as u32;
+        match budget.try_acquire_many(cost) {
             Ok(p) => p.forget(),
-            Err(_) => match self.permits.acquire_many(want).await {
+            Err(_) => match budget.acquire_many(cost).await {
                 Ok(p) => p.forget(),
                 Err(_) => return,
             },
@@ -188,12 +195,13 @@ impl<P, W> EventTx<P, W> {
         for ev in batch.iter() {
             trace_event(ev);
         }
-        let d = if n == 1 {
-            Delivery::One(batch.pop().expect("one event"))
-        } else {
-            Delivery::Many(std::mem::take(batch))
+        let paid = Paid {
+            cost,
+            budget: budget.clone(),
         };
-        let _ = self.tx.send(d);
+        let _ = self
+            .tx
+            .send(Delivery::Messages(std::mem::take(batch), paid));
     }
 }
 
@@ -201,15 +209,23 @@ impl<P, W> Inbox<P, W> {
     fn put(&mut self, d: Delivery<P, W>) {
         match d {
             Delivery::One(ev) => self.buf.push_back(ev),
-            Delivery::Many(evs) => self.buf.extend(evs),
+            Delivery::Messages(evs, paid) => {
+                self.batches.push_back((evs.len(), paid));
+                self.buf.extend(evs);
+            }
         }
     }
 
+    /// Returns a batch's cost to its worker once its last message is read. Messages come out
+    /// in the order the batches went in (lifecycle events only ever fall between batches).
     fn taken(&mut self, ev: Event<P, W>) -> Event<P, W> {
         if matches!(ev, Event::Message { .. }) {
-            self.owed += 1;
-            if self.owed >= RELEASE_BATCH || self.buf.is_empty() {
-                self.permits.add_permits(std::mem::take(&mut self.owed));
+            if let Some((left, _)) = self.batches.front_mut() {
+                *left -= 1;
+                if *left == 0 {
+                    let (_, paid) = self.batches.pop_front().expect("front exists");
+                    paid.budget.add_permits(paid.cost as usize);
+                }
             }
         }
         ev
@@ -220,12 +236,7 @@ impl<P, W> Inbox<P, W> {
         if self.buf.is_empty() {
             match self.rx.try_recv() {
                 Ok(d) => self.put(d),
-                Err(_) => {
-                    if self.owed > 0 {
-                        self.permits.add_permits(std::mem::take(&mut self.owed));
-                    }
-                    return None;
-                }
+                Err(_) => return None,
             }
         }
         let ev = self.buf.pop_front()?;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::events::Event;
 use super::events::EventTx;
@@ -54,6 +54,9 @@ pub(crate) struct ReaderTask<P, W> {
     pub(crate) reports: mpsc::Sender<Report>,
     pub(crate) servers: Arc<Servers>,
     pub(crate) fingerprint: u64,
+    /// This worker's budget of unread message bytes, of `limit` bytes.
+    pub(crate) budget: Arc<Semaphore>,
+    pub(crate) limit: usize,
 }
 
 impl<P: Message, W: Message> ReaderTask<P, W> {
@@ -81,11 +84,14 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
         let mut online = false;
         let mut refused = false;
         let mut batch: Vec<Event<P, W>> = Vec::new();
+        let mut cost = 0;
+        let (budget, limit) = (self.budget.clone(), self.limit);
         let outcome = loop {
             // Messages decoded from one read go out together, before anything else is said
             // and before the next read.
             if !batch.is_empty() && (!self.reader.has_frame() || batch.len() >= BATCH) {
-                self.events.messages(&mut batch).await;
+                self.events.messages(&mut batch, cost, &budget, limit).await;
+                cost = 0;
             }
             let incoming = match self.reader.next::<P>().await {
                 Ok(i) => i,
@@ -135,6 +141,7 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
                 Incoming::Frame(Wire::User { msg, handle }, fds) => {
                     w.shared.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
                     let handle = if handle { fds.into_iter().next() } else { None };
+                    cost += self.reader.last_len() + std::mem::size_of::<Event<P, W>>();
                     batch.push(Event::Message {
                         worker: w.clone(),
                         msg,
@@ -155,7 +162,8 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
                         let _ = self.reports.send(Report::Fatal { id, message }).await;
                     }
                     Control::Listening { addr } => {
-                        self.events.messages(&mut batch).await;
+                        self.events.messages(&mut batch, cost, &budget, limit).await;
+                        cost = 0;
                         self.report(|ack| Report::Listening {
                             id,
                             address: addr,
@@ -175,7 +183,7 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
                 },
             }
         };
-        self.events.messages(&mut batch).await;
+        self.events.messages(&mut batch, cost, &budget, limit).await;
         outcome
     }
 }

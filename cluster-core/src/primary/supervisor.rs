@@ -388,7 +388,11 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 return Err(e);
             }
         };
-        let outbox = channel::spawn_writer(spawned.stream.clone(), self.config.max_frame);
+        let outbox = channel::spawn_writer(
+            spawned.stream.clone(),
+            self.config.max_frame,
+            self.config.outbox_limit,
+        );
         let (status, status_rx) = watch::channel(Status {
             life: Life::Forked,
             exited_after_disconnect: None,
@@ -428,6 +432,8 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             reports: self.reports.clone(),
             servers: self.servers.clone(),
             fingerprint: self.fingerprint,
+            budget: super::events::budget(self.config.outbox_limit),
+            limit: self.config.outbox_limit,
         };
         tokio::spawn(reader.run());
         let reports = self.reports.clone();

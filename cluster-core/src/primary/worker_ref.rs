@@ -276,30 +276,57 @@ impl<W> WorkerRef<W> {
 }
 
 impl<W: Message> WorkerRef<W> {
-    /// Sends a typed message to the worker. Fails when the channel is closed (the worker is
-    /// dead or disconnected) or the message exceeds the frame limit.
-    pub fn send(&self, msg: &W) -> Result<(), Error> {
+    /// Sends a typed message to the worker, waiting while the messages it has not read yet
+    /// hold [`Config::outbox_limit`](crate::Config::outbox_limit) bytes (a worker that does not
+    /// read pushes back on its own sender only). Fails when the channel is closed (the worker
+    /// is dead or disconnected) or the message exceeds the frame limit; dropped before it is
+    /// ready, it sends nothing.
+    ///
+    /// An `async fn` in effect; the future borrows `self` but not `msg`, so it is `Send`
+    /// whatever `W` is.
+    pub fn send<'a>(
+        &'a self,
+        msg: &W,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send + use<'a, W> {
         self.send_frame(msg, None)
     }
 
-    /// Sends a message with a descriptor (a socket, a file) the worker receives with it.
-    pub fn send_with_handle(&self, msg: &W, handle: OwnedFd) -> Result<(), Error> {
+    /// Sends a message with a descriptor (a socket, a file) the worker receives with it;
+    /// waits for room like [`WorkerRef::send`].
+    pub fn send_with_handle<'a>(
+        &'a self,
+        msg: &W,
+        handle: OwnedFd,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send + use<'a, W> {
         self.send_frame(msg, Some(handle))
     }
 
-    fn send_frame(&self, msg: &W, handle: Option<OwnedFd>) -> Result<(), Error> {
-        let wire = Wire::User {
-            msg,
-            handle: handle.is_some(),
-        };
+    /// Sends a typed message if the worker's channel has room now; otherwise fails with
+    /// [`ErrorKind::Full`] and sends nothing. For code that cannot wait (a sync callback, a
+    /// thread) or would rather drop a message than wait.
+    pub fn try_send(&self, msg: &W) -> Result<(), Error> {
         self.shared
             .outbox
-            .send(&wire, handle.into_iter().collect())
+            .try_send_user(msg, None)
             .map_err(|e| e.into_error(self.id()))?;
         self.shared
             .counters
             .msgs_out
             .fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn send_frame<'a>(
+        &'a self,
+        msg: &W,
+        handle: Option<OwnedFd>,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send + use<'a, W> {
+        let shared = &self.shared;
+        let sent = shared.outbox.send_user(msg, handle);
+        async move {
+            sent.await.map_err(|e| e.into_error(shared.id))?;
+            shared.counters.msgs_out.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
     }
 }

@@ -60,13 +60,13 @@ async fn main() -> anyhow::Result<()> {
                 }
             };
             // Warm-up: a short burst.
-            worker.send(&ToWorker::Burst(10_000))?;
+            worker.send(&ToWorker::Burst(10_000)).await?;
             for _ in 0..10_000 {
                 next_msg().await?;
             }
             // One way, worker -> primary.
             let t0 = Instant::now();
-            worker.send(&ToWorker::Burst(n))?;
+            worker.send(&ToWorker::Burst(n)).await?;
             let mut last = 0;
             for _ in 0..n {
                 if let ToPrimary::Tick(x) = next_msg().await? {
@@ -79,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
             let mut rtts = Vec::with_capacity(k as usize);
             for i in 0..k {
                 let t = Instant::now();
-                worker.send(&ToWorker::Ping(i))?;
+                worker.send(&ToWorker::Ping(i)).await?;
                 match next_msg().await? {
                     ToPrimary::Pong(j) if j == i => {}
                     other => anyhow::bail!("expected Pong({i}), got {other:?}"),
@@ -107,13 +107,13 @@ async fn main() -> anyhow::Result<()> {
             match msg {
                 ToWorker::Burst(n) => {
                     for i in 0..n {
-                        worker.send(&ToPrimary::Tick(i))?;
+                        worker.send(&ToPrimary::Tick(i)).await?;
                         if i % 1024 == 1023 {
                             tokio::task::yield_now().await;
                         }
                     }
                 }
-                ToWorker::Ping(i) => worker.send(&ToPrimary::Pong(i))?,
+                ToWorker::Ping(i) => worker.send(&ToPrimary::Pong(i)).await?,
             }
         }
     }

@@ -1,0 +1,112 @@
+//! Bounded channels with real processes: a peer that never reads costs its sender a bounded
+//! amount of memory, the sender's `send` waits and `try_send` says `Full`.
+//!
+//! The fixture is `tests/fixtures/bounded.rs`: the flooding side sends up to 256 MiB of 64 KiB
+//! messages and reports whether a send blocked; an unbounded channel would queue all of it.
+
+mod common;
+
+use common::{KillOnDrop, Proc};
+
+const FIXTURE: &str = "fixture_bounded";
+
+/// Growth of the flooding side's resident memory the test accepts: the 1 MiB limit of each
+/// queue, the chunk buffers kept for reuse and the allocator's slack fit many times; the 256
+/// MiB an unbounded queue would hold do not.
+const MAX_GROWTH_KIB: u64 = 64 * 1024;
+
+/// Resident memory of `pid` in KiB, from `/proc/PID/status`.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+fn start(mode: &str) -> (Proc, u32, KillOnDrop) {
+    let mut p = Proc::scripted(
+        FIXTURE,
+        &[
+            ("MODE", mode),
+            ("CLUSTER_WORKERS", "1"),
+            ("CLUSTER_SCHED_POLICY", "round-robin"),
+        ],
+    );
+    let worker: u32 = p.expect_prefix("online pid=").parse().expect("worker pid");
+    (p, worker, KillOnDrop(vec![worker]))
+}
+
+/// Sends `stop` and waits for the fixture to kill its worker and exit cleanly.
+fn stop(mut p: Proc, worker: u32) {
+    p.send("stop");
+    p.seen_or_wait("done", |l| l == "done");
+    let status = p.wait_exit();
+    assert!(status.success(), "fixture exited with {status}");
+    common::wait_gone(worker);
+}
+
+#[test]
+fn a_worker_that_never_reads_costs_the_primary_bounded_memory() {
+    let (mut p, worker, _guard) = start("primary-floods");
+    let primary_before = rss_kib(p.pid());
+    let worker_before = rss_kib(worker);
+    p.send("go");
+    let verdict = p.wait_for("the end of the flood", |l| {
+        l.starts_with("blocked after ") || l.starts_with("sent all ")
+    });
+    let try_send = p.expect_prefix("try_send ");
+    p.seen_or_wait("flooded", |l| l == "flooded");
+    let primary_after = rss_kib(p.pid());
+    let worker_after = rss_kib(worker);
+    eprintln!(
+        "{verdict}; primary VmRSS {primary_before} -> {primary_after} KiB, \
+         worker {worker_before} -> {worker_after} KiB"
+    );
+    assert!(
+        verdict.starts_with("blocked after "),
+        "the primary's sends never waited: {verdict}"
+    );
+    let sent: u64 = verdict["blocked after ".len()..]
+        .trim_end_matches(" sends")
+        .parse()
+        .unwrap();
+    // Both queues and the socket between them, with room to spare: far below the 4096 sends.
+    assert!(sent * 64 < MAX_GROWTH_KIB, "{sent} sends of 64 KiB went");
+    assert_eq!(try_send, "Full");
+    assert!(
+        primary_after.saturating_sub(primary_before) < MAX_GROWTH_KIB,
+        "the primary grew from {primary_before} to {primary_after} KiB"
+    );
+    // The worker's reader stopped reading once its inbox was full.
+    assert!(
+        worker_after.saturating_sub(worker_before) < MAX_GROWTH_KIB,
+        "the worker grew from {worker_before} to {worker_after} KiB"
+    );
+    stop(p, worker);
+}
+
+#[test]
+fn a_primary_that_never_reads_events_costs_itself_bounded_memory() {
+    let (mut p, worker, _guard) = start("worker-floods");
+    let primary_before = rss_kib(p.pid());
+    p.send("go");
+    let verdict = p.wait_for("the end of the flood", |l| {
+        l.starts_with("worker blocked after ") || l.starts_with("worker sent all ")
+    });
+    let try_send = p.expect_prefix("worker try_send ");
+    let primary_after = rss_kib(p.pid());
+    eprintln!("{verdict}; primary VmRSS {primary_before} -> {primary_after} KiB");
+    assert!(
+        verdict.starts_with("worker blocked after "),
+        "the worker's sends never waited: {verdict}"
+    );
+    assert_eq!(try_send, "Full");
+    assert!(
+        primary_after.saturating_sub(primary_before) < MAX_GROWTH_KIB,
+        "the primary grew from {primary_before} to {primary_after} KiB"
+    );
+    stop(p, worker);
+}
