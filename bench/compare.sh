@@ -7,7 +7,7 @@
 #
 # For each build and round: wrk keep-alive and `Connection: close` against hello_http under
 # each policy, the primary's CPU (utime+stime from /proc) per request of the round-robin
-# `close` run, and the typed-IPC probe. Prints a markdown table of medians and new/base ratios.
+# `close` run (`timeout`'s child, the primary of hello_http), and the typed-IPC probe. Prints a markdown table of medians and new/base ratios.
 # Knobs: ROUNDS (3), DURATION (5), CONNS (64), WORKERS (2), PORT (18180).
 set -euo pipefail
 BASE=$1 NEW=$2
@@ -31,7 +31,9 @@ for round in $(seq "$ROUNDS"); do
       PORT=$PORT CLUSTER_WORKERS=$WORKERS CLUSTER_SCHED_POLICY=$policy \
         timeout -k 5 120 "$dir/release/examples/hello_http" >"$OUT/server.log" 2>&1 &
       SERVER=$!
+      PRIMARY=
       for _ in $(seq 100); do
+        [ -z "$PRIMARY" ] && PRIMARY=$(pgrep -P "$SERVER" | head -1 || true)
         [ "$(grep -c started "$OUT/server.log" || true)" -ge "$WORKERS" ] &&
           curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$PORT/" && break
         sleep 0.1
@@ -40,9 +42,9 @@ for round in $(seq "$ROUNDS"); do
       for mode in keepalive close; do
         args=(-t1 "-c$CONNS" "-d${DURATION}s" --timeout 2s)
         [ $mode = close ] && args+=(-H 'Connection: close')
-        before=$(cpu_of "$SERVER")
+        before=$(cpu_of "$PRIMARY")
         wrk "${args[@]}" "http://127.0.0.1:$PORT/" >"$OUT/wrk.txt" 2>&1 || true
-        after=$(cpu_of "$SERVER")
+        after=$(cpu_of "$PRIMARY")
         rps=$(awk '/^Requests\/sec:/ {print $2}' "$OUT/wrk.txt")
         reqs=$(awk '/requests in/ {print $1}' "$OUT/wrk.txt")
         sample "$policy $mode req/s" $build "${rps:-0}"
@@ -60,7 +62,7 @@ for round in $(seq "$ROUNDS"); do
       timeout -k 2 60 "$dir/release/ipc" >"$OUT/ipc.txt" 2>&1 || log "ipc $build failed"
       line=$(grep -m1 '^RESULT ' "$OUT/ipc.txt" | cut -d' ' -f2- || true)
       log "round $round $build ipc: $line"
-      for key in $(echo "$line" | grep -o '"[a-z_0-9]*":[0-9.]*' | cut -d'"' -f2); do
+      for key in $(echo "$line" | grep -o '"[a-z_0-9]*":[0-9][0-9.]*' | cut -d'"' -f2); do
         val=$(echo "$line" | grep -o "\"$key\":[0-9.]*" | cut -d: -f2)
         sample "ipc $key" $build "$val"
       done
@@ -68,6 +70,7 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+echo "samples: $OUT/samples.tsv" >&2
 python3 - "$OUT/samples.tsv" <<'PY'
 import sys, statistics, collections
 d = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -82,5 +85,5 @@ print("|---|---:|---:|---:|")
 for k in order:
     b = statistics.median(d[k]["base"]) if d[k]["base"] else float("nan")
     n = statistics.median(d[k]["new"]) if d[k]["new"] else float("nan")
-    print(f"| {k} | {b:.2f} | {n:.2f} | {n / b if b else float('nan'):.3f} |")
+    print(f"| {k} | {b:.4g} | {n:.4g} | {n / b if b else float('nan'):.3f} |")
 PY

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 use crate::error::{Error, ErrorKind};
 use crate::frame::{self, Decoder, FrameError, HEADER_LEN, MAX_FDS_PER_FRAME};
 use crate::sys;
-use crate::wire::{Control, Wire};
+use crate::wire::Wire;
 
 /// Bytes after which the writer starts a new chunk, so one `sendmsg` stays a sensible size.
 /// Also the most user data an urgent control frame can find ahead of it in the outbox (the
@@ -92,9 +92,9 @@ struct OutState {
     /// Bytes of user frames queued or being written: the sum of `user` over every chunk.
     user_bytes: usize,
     spare: Vec<Vec<u8>>,
-    /// The last frame of the back chunk of `urgent`, when it is an `Accepted` that later ones
-    /// may join: (server, n, offset of the frame in the chunk).
-    last_ack: Option<(u32, u32, usize)>,
+    /// The last frame of the back chunk of `urgent`, when it is a counted frame that later ones
+    /// of its key may join (see [`Outbox::send_counted`]): (key, n, offset of the frame).
+    last_counted: Option<(u32, u32, usize)>,
     /// When a frame last found the outbox idle (see [`BURST_GAP`]).
     last_idle: Option<std::time::Instant>,
     /// A chunk is being written (by the writer task or inline): nobody else may write.
@@ -115,7 +115,7 @@ impl OutState {
         }
         if let Some(c) = self.urgent.pop_front() {
             // It may have been the back chunk, which the merged acknowledgement points into.
-            self.last_ack = None;
+            self.last_counted = None;
             return Some(c);
         }
         self.ordered.pop_front()
@@ -127,7 +127,7 @@ impl OutState {
         let dropped = self.partial.take().into_iter().chain(self.urgent.drain(..));
         let dropped: usize = dropped.chain(self.ordered.drain(..)).map(|c| c.user).sum();
         self.user_bytes -= dropped;
-        self.last_ack = None;
+        self.last_counted = None;
     }
 }
 
@@ -361,41 +361,46 @@ impl Outbox {
         }
     }
 
-    /// Queues `Accepted { server, n: 1 }`. When the last urgent frame queued is an unsent
-    /// `Accepted` for the same server, that frame's count grows instead: nothing was queued in
-    /// between in its lane, so the order of everything the peer sees is unchanged, with fewer
-    /// frames.
-    pub(crate) fn send_accepted(&self, server: u32) -> Result<(), SendFail> {
+    /// Queues the counted frame `frame(1)` of `key`. When the last urgent frame queued is an
+    /// unsent counted frame of the same key, it becomes `frame(n + 1)` instead: nothing was
+    /// queued in between in its lane, so the order of everything the peer sees is unchanged,
+    /// with fewer frames. (Acknowledgements of handed-over connections are such frames.)
+    pub(crate) fn send_counted<U: Serialize>(
+        &self,
+        key: u32,
+        frame: impl Fn(u32) -> Wire<U>,
+    ) -> Result<(), SendFail> {
         let mut st = self.lock();
         if st.closing || st.closed {
             return Err(SendFail::Closed);
         }
-        if let Some((s, n, at)) = st.last_ack
-            && s == server
+        if let Some((k, n, at)) = st.last_counted
+            && k == key
             && let Some(chunk) = st.urgent.back_mut()
         {
             let n = n.saturating_add(1);
-            chunk.bytes.truncate(at);
-            let msg = Wire::<()>::Control(Control::Accepted { server, n });
-            frame::encode(&mut chunk.bytes, &msg, 0).expect("an Accepted frame always encodes");
-            st.last_ack = Some((server, n, at));
+            // Encoded behind the old frame first, so a failure leaves the queue as it was.
+            let end = chunk.bytes.len();
+            encode(&mut chunk.bytes, &frame(n), 0)?;
+            chunk.bytes.drain(at..end);
+            st.last_counted = Some((key, n, at));
             return Ok(());
         }
-        let msg = Wire::<()>::Control(Control::Accepted { server, n: 1 });
+        let first = frame(1);
         self.push(
             st,
-            |buf| encode(buf, &msg, 0),
+            |buf| encode(buf, &first, 0),
             0,
             |_| {},
             Lane::Urgent,
-            Some(server),
+            Some(key),
             Wake::Writer,
         )
     }
 
     /// Appends one frame, which `encode_into` writes into the chunk buffer (returning its
     /// payload length) and which announces `nfds` descriptors, appended by `add_fds`, to
-    /// `lane`; `ack` marks the frame as an `Accepted` for that server that later ones join.
+    /// `lane`; `counted` marks it as the counted frame of that key, which later ones join.
     #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
@@ -404,7 +409,7 @@ impl Outbox {
         nfds: usize,
         add_fds: impl FnOnce(&mut Vec<OutFd>),
         lane: Lane,
-        ack: Option<u32>,
+        counted: Option<u32>,
         wake: Wake,
     ) -> Result<(), SendFail> {
         debug_assert!(nfds <= MAX_FDS_PER_FRAME);
@@ -414,7 +419,7 @@ impl Outbox {
         if lane == Lane::Urgent {
             // Set again below once this frame is in; cleared on every error path. A frame of
             // the other lane does not stand between two acknowledgements of this one.
-            st.last_ack = None;
+            st.last_counted = None;
         }
         let was_empty = st.is_empty();
         // Only a frame that finds the outbox idle may go inline; the clock is read for those
@@ -465,7 +470,7 @@ impl Outbox {
             state.user_bytes += len;
         }
         if lane == Lane::Urgent {
-            state.last_ack = ack.map(|s| (s, 1, at));
+            state.last_counted = counted.map(|k| (k, 1, at));
         }
         drop(st);
         match wake {
@@ -837,6 +842,13 @@ pub(crate) fn into_stream(fd: OwnedFd) -> io::Result<Arc<UnixStream>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn accepted(out: &Outbox, server: u32) {
+        out.send_counted(server, |n| {
+            Wire::<()>::Control(Control::Accepted { server, n })
+        })
+        .unwrap();
+    }
     use crate::wire::Control;
     use std::io::{Read, Write};
 
@@ -920,14 +932,14 @@ mod tests {
         let out = spawn_writer(into_stream(a.into()).unwrap(), 1024, DEFAULT_OUTBOX_LIMIT);
         // The writer task has not run yet (current-thread runtime): all of this stays queued.
         for _ in 0..300 {
-            out.send_accepted(7).unwrap();
+            accepted(&out, 7);
         }
         out.send(&Wire::<()>::Control(Control::Ping(1)), vec![])
             .unwrap();
-        out.send_accepted(7).unwrap();
-        out.send_accepted(7).unwrap();
-        out.send_accepted(8).unwrap();
-        out.send_accepted(7).unwrap();
+        accepted(&out, 7);
+        accepted(&out, 7);
+        accepted(&out, 8);
+        accepted(&out, 7);
         out.close();
         let mut r = Reader::new(into_stream(b.into()).unwrap(), 1024);
         let mut got = Vec::new();
@@ -1148,7 +1160,7 @@ mod tests {
         // None of these waits or is refused, although user frames are.
         out.send(&Wire::<()>::Control(Control::Ping(9)), vec![])
             .unwrap();
-        out.send_accepted(4).unwrap();
+        accepted(&out, 4);
         let (_pr, pw) = std::io::pipe().unwrap();
         out.send_shared(
             &Wire::<()>::Control(Control::Conn { server: 4 }),

@@ -29,13 +29,64 @@ pub(crate) struct Link {
     pub(crate) closing: watch::Sender<bool>,
     next_req: AtomicU32,
     queries: Mutex<HashMap<u32, oneshot::Sender<ServerAnswer>>>,
-    /// Round-robin listeners: server id -> queue of connections handed over by the primary.
-    pub(crate) rr: Mutex<HashMap<u32, mpsc::UnboundedSender<OwnedFd>>>,
-    /// Handoff queues created by the reader when a round-robin grant arrives, waiting for the
-    /// listener that asked: connections may follow the grant before that task runs again.
-    handoffs: Mutex<HashMap<u32, mpsc::UnboundedReceiver<OwnedFd>>>,
+    /// Connections the primary handed over, per round-robin server.
+    pub(crate) handoffs: Handoffs,
     /// Open listeners per address, for Node's per-worker listen index.
     pub(crate) indexes: Mutex<HashMap<BindAddr, Vec<u32>>>,
+}
+
+/// The connections the primary hands this worker for its round-robin servers: one queue per
+/// server, opened by the reader when the grant arrives (in stream order, as `Conn` frames may
+/// follow the grant before the listener's task runs), taken once by that listener, closed when
+/// it closes. A std mutex: short sections, never held across an await.
+#[derive(Default)]
+pub(crate) struct Handoffs(Mutex<HashMap<u32, Handoff>>);
+
+struct Handoff {
+    tx: mpsc::UnboundedSender<OwnedFd>,
+    /// Until the listener takes it.
+    rx: Option<mpsc::UnboundedReceiver<OwnedFd>>,
+}
+
+impl Handoffs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Handoff>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The grant for `server` arrived.
+    fn open(&self, server: u32) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().insert(server, Handoff { tx, rx: Some(rx) });
+    }
+
+    /// A connection for `server`. With no listener any more, it is dropped: the primary hands
+    /// it to another worker when our `CloseServer` reaches it, so dropping our copy loses
+    /// nothing.
+    fn deliver(&self, server: u32, fd: OwnedFd) {
+        if let Some(h) = self.lock().get(&server) {
+            let _ = h.tx.send(fd);
+        }
+    }
+
+    /// The listener of `server` takes its queue (a fresh one if the grant was not seen).
+    pub(crate) fn take(&self, server: u32) -> mpsc::UnboundedReceiver<OwnedFd> {
+        let mut map = self.lock();
+        if let Some(rx) = map.get_mut(&server).and_then(|h| h.rx.take()) {
+            return rx;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        map.insert(server, Handoff { tx, rx: None });
+        rx
+    }
+
+    /// The listener of `server` closed.
+    pub(crate) fn close(&self, server: u32) {
+        self.lock().remove(&server);
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
+    }
 }
 
 static LINK: OnceLock<Arc<Link>> = OnceLock::new();
@@ -49,6 +100,14 @@ impl Link {
     /// Sends a control frame; a closed channel is not an error here (the worker is leaving).
     pub(crate) fn control(&self, c: Control, fds: Vec<OwnedFd>) -> bool {
         self.outbox.send(&Wire::<()>::Control(c), fds).is_ok()
+    }
+
+    /// Acknowledges one connection of round-robin server `server`: the primary may let go of
+    /// its copy. Acknowledgements queued back to back merge into one frame.
+    pub(crate) fn accepted(&self, server: u32) {
+        let _ = self.outbox.send_counted(server, |n| {
+            Wire::<()>::Control(Control::Accepted { server, n })
+        });
     }
 
     /// Asks the primary for a server and waits for the answer.
@@ -72,24 +131,6 @@ impl Link {
         rx.await.map_err(|_| Error::closed(self.id))
     }
 
-    /// The queue of connections for round-robin server `server`, registered when its grant
-    /// arrived.
-    pub(crate) fn take_handoff(&self, server: u32) -> mpsc::UnboundedReceiver<OwnedFd> {
-        let found = self
-            .handoffs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&server);
-        found.unwrap_or_else(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            self.rr
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(server, tx);
-            rx
-        })
-    }
-
     pub(crate) fn is_disconnecting(&self) -> bool {
         self.disconnecting.load(Ordering::Relaxed)
     }
@@ -104,11 +145,7 @@ impl Link {
         }
         // Listeners see this, stop accepting and unregister (their frames go before the close).
         self.closing.send_replace(true);
-        self.rr.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.handoffs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.handoffs.clear();
         let indexes: Vec<(BindAddr, u32)> = self
             .indexes
             .lock()
@@ -188,8 +225,7 @@ impl<P: Message, W: Message> Worker<P, W> {
             closing,
             next_req: AtomicU32::new(0),
             queries: Mutex::new(HashMap::new()),
-            rr: Mutex::new(HashMap::new()),
-            handoffs: Mutex::new(HashMap::new()),
+            handoffs: Handoffs::default(),
             indexes: Mutex::new(HashMap::new()),
         });
         let _ = LINK.set(link.clone());
@@ -377,15 +413,7 @@ async fn read_primary<W: Message>(
                     // Register the handoff queue now, in stream order: `Conn` frames for this
                     // server may come right behind the grant, before the listener's task runs.
                     if let Ok((Grant::RoundRobin { server }, _)) = &result {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        link.rr
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(*server, tx);
-                        link.handoffs
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(*server, rx);
+                        link.handoffs.open(*server);
                     }
                     let tx = link
                         .queries
@@ -397,16 +425,8 @@ async fn read_primary<W: Message>(
                     }
                 }
                 Control::Conn { server } => {
-                    let q = link
-                        .rr
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&server)
-                        .cloned();
-                    // No listener any more: the primary hands this connection to another worker
-                    // when our `CloseServer` reaches it, so dropping our copy loses nothing.
-                    if let (Some(q), Some(fd)) = (q, fds.into_iter().next()) {
-                        let _ = q.send(fd);
+                    if let Some(fd) = fds.into_iter().next() {
+                        link.handoffs.deliver(server, fd);
                     }
                 }
                 Control::Ping(n) => {

@@ -1,0 +1,204 @@
+//! Where a stream listener's connections come from: its own socket, or the primary's
+//! round-robin hand-offs; the part the TCP and Unix listeners share.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use super::{Registration, closed, is_nonblocking};
+use tokio::sync::{OwnedMutexGuard, mpsc, watch};
+
+pub(super) type HandoffQueue = mpsc::UnboundedReceiver<OwnedFd>;
+
+/// Connections handed over by the primary (round-robin), with the acknowledgement it needs.
+#[derive(Debug)]
+pub(super) struct Handoff {
+    /// An async mutex: concurrent `accept`s queue for the receiver in order, each woken in turn.
+    pub(super) rx: Arc<tokio::sync::Mutex<HandoffQueue>>,
+    pub(super) server: u32,
+}
+
+pub(super) enum Source<L> {
+    Own(L),
+    Handoff(Handoff),
+}
+
+/// The two stream listeners of tokio, as [`Acceptor`] uses them.
+pub(super) trait OsListener {
+    type Stream;
+    type Addr;
+
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Addr)>> + Send;
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Stream, Self::Addr)>>;
+}
+
+impl OsListener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Addr)>> + Send {
+        tokio::net::TcpListener::accept(self)
+    }
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Stream, Self::Addr)>> {
+        tokio::net::TcpListener::poll_accept(self, cx)
+    }
+}
+
+impl OsListener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, Self::Addr)>> + Send {
+        tokio::net::UnixListener::accept(self)
+    }
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Stream, Self::Addr)>> {
+        tokio::net::UnixListener::poll_accept(self, cx)
+    }
+}
+
+/// A connection as the listener's source gives it: accepted here, or handed over (and already
+/// acknowledged) by the primary.
+pub(super) enum Accepted<L: OsListener> {
+    Own(L::Stream, L::Addr),
+    Handed(OwnedFd),
+}
+
+/// What `poll_accept` must keep between calls to be woken: the disconnect, and a place in the
+/// queue for the hand-off receiver while an `accept` holds it.
+#[derive(Default)]
+pub(super) struct Polling {
+    pub(super) closed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    pub(super) lock: Option<Pin<Box<dyn Future<Output = OwnedMutexGuard<HandoffQueue>> + Send>>>,
+}
+
+/// Where a stream listener's connections come from, and when it stops: the part the TCP and
+/// Unix listeners share.
+pub(super) struct Acceptor<L> {
+    // Fields drop in order: the poller's queued lock and the source (the listening socket or
+    // the hand-off queue) go before the registration tells the primary the server is closed.
+    /// A std mutex: only `poll_next` takes it, and never across an `.await`.
+    pub(super) polling: Mutex<Polling>,
+    pub(super) source: Source<L>,
+    pub(super) closing: Option<watch::Receiver<bool>>,
+    pub(super) reg: Option<Registration>,
+}
+
+impl<L: OsListener> Acceptor<L> {
+    pub(super) fn own(listener: L) -> Self {
+        Acceptor {
+            polling: Mutex::default(),
+            source: Source::Own(listener),
+            closing: None,
+            reg: None,
+        }
+    }
+
+    pub(super) fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let closing = self.closing.clone();
+        async move {
+            match closing {
+                // The sender lives as long as the worker's link; an error means it is gone.
+                Some(mut c) => drop(c.wait_for(|v| *v).await),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closing.as_ref().is_some_and(|c| *c.borrow())
+    }
+
+    /// Acknowledges a handed-over connection to the primary.
+    pub(super) fn acknowledge(&self, h: &Handoff, fd: OwnedFd) -> Accepted<L> {
+        if let Some(reg) = &self.reg {
+            // Joins an `Accepted` still queued for the primary, if any: one frame acknowledges
+            // a whole run of connections.
+            reg.link.accepted(h.server);
+        }
+        // Already non-blocking: the primary accepts with `SOCK_NONBLOCK`, and the flag lives
+        // on the open file, which descriptor passing shares.
+        debug_assert!(is_nonblocking(&fd));
+        Accepted::Handed(fd)
+    }
+
+    /// The next connection, or `None` once the worker is disconnecting.
+    pub(super) async fn next(&self) -> Option<io::Result<Accepted<L>>> {
+        let fut = async {
+            match &self.source {
+                Source::Own(l) => l.accept().await.map(|(s, a)| Accepted::Own(s, a)),
+                Source::Handoff(h) => {
+                    let fd = h.rx.lock().await.recv().await.ok_or_else(closed)?;
+                    Ok(self.acknowledge(h, fd))
+                }
+            }
+        };
+        if self.closing.is_none() {
+            return Some(fut.await);
+        }
+        if self.is_closed() {
+            return None;
+        }
+        tokio::select! {
+            r = fut => match r {
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+                r => Some(r),
+            },
+            () = self.closed() => None,
+        }
+    }
+
+    /// [`next`](Self::next) as a poll; only the last caller's waker is kept.
+    pub(super) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Accepted<L>>>> {
+        let mut polling = self.polling.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closing.is_some() {
+            let closed = polling
+                .closed
+                .get_or_insert_with(|| Box::pin(self.closed()));
+            if self.is_closed() || closed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        let h = match &self.source {
+            Source::Own(l) => {
+                return l
+                    .poll_accept(cx)
+                    .map(|r| Some(r.map(|(s, a)| Accepted::Own(s, a))));
+            }
+            Source::Handoff(h) => h,
+        };
+        // The receiver, without waiting in line when no `accept` holds it.
+        let mut rx = match polling.lock.take() {
+            Some(mut lock) => match lock.as_mut().poll(cx) {
+                Poll::Ready(rx) => rx,
+                Poll::Pending => {
+                    polling.lock = Some(lock);
+                    return Poll::Pending;
+                }
+            },
+            None => match h.rx.clone().try_lock_owned() {
+                Ok(rx) => rx,
+                Err(_) => {
+                    let mut lock = Box::pin(h.rx.clone().lock_owned());
+                    if let Poll::Ready(rx) = lock.as_mut().poll(cx) {
+                        rx
+                    } else {
+                        polling.lock = Some(lock);
+                        return Poll::Pending;
+                    }
+                }
+            },
+        };
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(fd)) => Poll::Ready(Some(Ok(self.acknowledge(h, fd)))),
+            // The link is gone: the worker is disconnecting.
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
