@@ -289,7 +289,7 @@ impl<P: Message, W: Message> Worker<P, W> {
     }
 
     /// Sends a typed message if the channel has room now; otherwise fails with
-    /// [`ErrorKind::Full`] and sends nothing. For code that cannot wait (a sync callback, a
+    /// [`ErrorKind::Full`](crate::ErrorKind::Full) and sends nothing. For code that cannot wait (a sync callback, a
     /// thread) or would rather drop a message than wait.
     pub fn try_send(&self, msg: &P) -> Result<(), Error> {
         self.link

@@ -69,7 +69,7 @@ impl UnixListener {
     }
 
     /// A future that completes once the worker is disconnecting (see
-    /// [`TcpListener::closed`]); outside a cluster it never completes.
+    /// [`TcpListener::closed`](super::TcpListener::closed)); outside a cluster it never completes.
     pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
         self.inner.closed()
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::supervisor::View;
 use crate::event::WorkerState;
 
-/// A snapshot of the cluster, from [`Primary::stats`].
+/// A snapshot of the cluster, from [`Primary::stats`](crate::Primary::stats).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Stats {
