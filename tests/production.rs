@@ -576,6 +576,48 @@ fn sigterm_lets_in_flight_work_finish_and_exits_0() {
 }
 
 #[test]
+fn reloads_asked_at_once_run_one_rollout_and_one_more() {
+    let mut f = Fixture::start(1, &[]);
+    f.listening(1);
+    f.send("reloads 20");
+    assert_eq!(f.expect("reloads done"), "reloads done ok=20");
+    // The first rollout replaced worker 1 by 2; the 19 asked meanwhile shared one more: 3.
+    f.expect("exit 2 ");
+    assert!(!f.saw("fork 4 "), "more than two rollouts: {:#?}", f.p.seen);
+    let ids: Vec<u32> = f.workers().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, [3]);
+    f.signal(Signal::SIGTERM);
+    assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
+    f.all_workers_gone();
+}
+
+#[test]
+fn sigterm_during_a_reload_forks_nothing_more_and_exits_0() {
+    // The first replacement takes a second to listen: the shutdown comes in that window.
+    let mut f = Fixture::start(2, &[("BEHAVIOUR_3", "late:1000")]);
+    f.listening(1);
+    f.listening(2);
+    f.signal(Signal::SIGHUP);
+    f.expect("fork 3 ");
+    f.signal(Signal::SIGTERM);
+    assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
+    assert!(
+        !f.saw("fork 4 "),
+        "a worker was forked after SIGTERM: {:#?}",
+        f.p.seen
+    );
+    assert!(
+        !f.p.seen.iter().any(|l| l.contains("did not become ready")),
+        "the shutdown was reported as a failed reload: {:#?}",
+        f.p.seen
+    );
+    for id in 1..=3 {
+        f.expect(&format!("exit {id} "));
+    }
+    f.all_workers_gone();
+}
+
+#[test]
 fn a_worker_that_ignores_the_disconnect_is_killed_after_the_grace() {
     let mut f = Fixture::start(2, &[("BEHAVIOUR_1", "stubborn"), ("GRACE_MS", "1000")]);
     f.listening(1);

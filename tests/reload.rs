@@ -175,3 +175,118 @@ fn reload_under_load(policy: &str, n: u16) {
     let status = p.wait_exit();
     assert!(status.success(), "primary exit: {status:?}");
 }
+
+/// The live children of `pid` (its workers), from every process's `stat`.
+fn children(pid: u32) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // `pid (comm) state ppid ...`: comm may hold spaces, so parse after the last `)`.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(pid)
+        })
+        .count()
+}
+
+/// `N workers, M forked` from `cluster.stats()`, which `hello_http` prints on SIGUSR2.
+fn stats(p: &mut Proc) -> (usize, usize) {
+    p.signal(Signal::SIGUSR2);
+    let line = p.wait_for("stats", |l| {
+        l.contains(" workers, ") && l.contains(" forked")
+    });
+    let mut words = line.split_whitespace();
+    let workers = words.next().and_then(|w| w.parse().ok()).unwrap();
+    let forked = words.nth(1).and_then(|w| w.parse().ok()).unwrap();
+    (workers, forked)
+}
+
+#[test]
+fn fifty_sighups_5ms_apart_leave_the_configured_workers_and_fail_no_request() {
+    let port = common::free_low_port();
+    let port_s = port.to_string();
+    let mut p = Proc::start(
+        "hello_http",
+        &[("PORT", port_s.as_str()), ("CLUSTER_WORKERS", "2")],
+    );
+    p.expect_prefix("Primary");
+    p.expect_prefix("Worker");
+    p.expect_prefix("Worker");
+    let primary = p.pid();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(Counts::default());
+    let clients: Vec<_> = [true, false]
+        .into_iter()
+        .map(|keep_alive| {
+            let (stop, counts) = (stop.clone(), counts.clone());
+            std::thread::spawn(move || client(port, keep_alive, stop, counts))
+        })
+        .collect();
+    // The most workers alive at once, sampled through the storm and the rollouts after it.
+    let most = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, most) = (stop.clone(), most.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                most.fetch_max(children(primary) as u64, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+
+    for _ in 0..50 {
+        p.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The rollouts are over once nothing is forked for a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = stats(&mut p);
+    let mut quiet = 0;
+    while quiet < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the reloads never settled: {last:?}"
+        );
+        std::thread::sleep(Duration::from_millis(700));
+        let now = stats(&mut p);
+        quiet = if now == last && now.0 == 2 {
+            quiet + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    sampler.join().unwrap();
+    let (ok, failed) = (
+        counts.ok.load(Ordering::Relaxed),
+        counts.failed.load(Ordering::Relaxed),
+    );
+    let (workers, forked) = last;
+    let most = most.load(Ordering::Relaxed);
+    eprintln!(
+        "50 SIGHUPs: {ok} requests served, {failed} failed; {workers} workers at the end, \
+         {forked} forked, at most {most} alive at once"
+    );
+    assert_eq!(workers, 2, "the configured count is 2");
+    assert!(
+        most <= 3,
+        "{most} workers alive at once: more than one replacement at a time"
+    );
+    // At least one rollout (two replacements) ran, and at most one per SIGHUP (overlapping
+    // rollouts, each over the others' workers, forked thousands).
+    assert!((4..=102).contains(&forked), "{forked} workers forked");
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(ok > 50, "too few requests to mean anything: {ok}");
+
+    p.signal(Signal::SIGTERM);
+    let status = p.wait_exit();
+    assert!(status.success(), "primary exit: {status:?}");
+}

@@ -115,6 +115,8 @@ impl<P, W> Event<P, W> {
 /// worker's channel, handed over at once (one wake-up for the consumer).
 enum Delivery<P, W> {
     One(Event<P, W>),
+    /// A read that decoded a single message: no vector (the round-trip case).
+    Message(Event<P, W>, Paid),
     Messages(Vec<Event<P, W>>, Paid),
 }
 
@@ -199,9 +201,15 @@ impl<P, W> EventTx<P, W> {
             cost,
             budget: budget.clone(),
         };
-        let _ = self
-            .tx
-            .send(Delivery::Messages(std::mem::take(batch), paid));
+        // A single message leaves the batch its capacity for the next read.
+        let d = if batch.len() == 1
+            && let Some(ev) = batch.pop()
+        {
+            Delivery::Message(ev, paid)
+        } else {
+            Delivery::Messages(std::mem::take(batch), paid)
+        };
+        let _ = self.tx.send(d);
     }
 }
 
@@ -209,6 +217,10 @@ impl<P, W> Inbox<P, W> {
     fn put(&mut self, d: Delivery<P, W>) {
         match d {
             Delivery::One(ev) => self.buf.push_back(ev),
+            Delivery::Message(ev, paid) => {
+                self.batches.push_back((1, paid));
+                self.buf.push_back(ev);
+            }
             Delivery::Messages(evs, paid) => {
                 self.batches.push_back((evs.len(), paid));
                 self.buf.extend(evs);

@@ -12,6 +12,7 @@
 mod events;
 mod policy;
 mod reader;
+mod rollout;
 mod signals;
 mod spawn;
 mod stats;
@@ -35,7 +36,6 @@ use supervisor::{COMMANDS, Command, REPORTS, Supervisor, View};
 use crate::config::{Config, Heartbeat, RespawnPolicy, SchedulingPolicy, Settings};
 use crate::dispatch::Servers;
 use crate::error::{Error, ErrorKind};
-use crate::event::WorkerState;
 use crate::message::{Message, pair_fingerprint};
 pub use events::Event;
 
@@ -98,6 +98,7 @@ impl<P: Message, W: Message> Primary<P, W> {
         let (view_tx, view) = watch::channel(View::default());
         let (commands, commands_rx) = mpsc::channel(COMMANDS);
         let (reports, reports_rx) = mpsc::channel(REPORTS);
+        let myself = commands.downgrade();
         let servers = Servers::new(config.scheduling);
         let supervisor = Supervisor::new(
             config,
@@ -107,6 +108,7 @@ impl<P: Message, W: Message> Primary<P, W> {
             events.clone(),
             reports,
             view_tx,
+            myself,
         );
         tokio::spawn(supervisor.run(commands_rx, reports_rx));
         Primary {
@@ -381,65 +383,15 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// the replacement listens (or is online, for a worker without servers), then disconnects
     /// the old one and waits for its exit (SIGKILL after `grace`). When a replacement fails to
     /// start within `grace`, the reload stops with an error and the old workers keep serving.
+    ///
+    /// One rollout runs at a time: a reload asked for while one runs waits for it, and all the
+    /// reloads asked for meanwhile share one more rollout after it (so every worker ends on the
+    /// settings of the last request, with one replacement at a time). A shutdown cancels it: no
+    /// replacement is forked once the cluster is closing.
     pub async fn reload(&self, grace: Duration) -> Result<(), Error> {
-        crate::systemd::notify::reloading();
-        let result = self.reload_each(grace).await;
-        crate::systemd::notify::ready();
-        result
-    }
-
-    async fn reload_each(&self, grace: Duration) -> Result<(), Error> {
-        for old in self.start().await {
-            if !old.is_connected() {
-                continue;
-            }
-            let listening = old.state() == WorkerState::Listening;
-            tracing::info!(
-                worker.id = old.id(),
-                worker.pid = old.pid(),
-                "reload: starting a replacement"
-            );
-            // Until it is ready, a replacement that dies is the reload's failure to report, not
-            // a crash for the respawn policy (which would fork the broken build again).
-            let new = self.fork_as(Vec::new(), true, Some(old.id())).await?;
-            let ready = |s: &worker_ref::Status| {
-                let state = s.life.state();
-                state == WorkerState::Listening || (!listening && state == WorkerState::Online)
-            };
-            let settled =
-                tokio::time::timeout(grace, new.wait_until(|s| !s.life.connected() || ready(s)))
-                    .await
-                    .is_ok();
-            if !(settled && ready(&new.shared.status.borrow())) {
-                let _ = new.kill_with(crate::signal::Signal::SIGKILL);
-                // Respawns must not use the build that just failed: back to the settings of
-                // the workers that serve.
-                let _ = self.inner.commands.send(Command::RestoreSettings).await;
-                return Err(Error::new(
-                    ErrorKind::Spawn,
-                    format!(
-                        "reload stopped: replacement worker {} did not become ready; the old workers keep serving and the settings are back to theirs",
-                        new.id()
-                    ),
-                ));
-            }
-            let _ = self
-                .inner
-                .commands
-                .send(Command::Trust { id: new.id() })
-                .await;
-            tracing::info!(
-                worker.id = old.id(),
-                replacement = new.id(),
-                "reload: replacement ready, disconnecting the old worker"
-            );
-            old.disconnect();
-            let gone = tokio::time::timeout(grace, old.wait_until(|s| s.life.status().is_some()));
-            if gone.await.is_err() {
-                let _ = old.kill_with(crate::signal::Signal::SIGKILL);
-            }
-        }
-        Ok(())
+        self.call(|reply| Command::Reload { grace, reply })
+            .await
+            .unwrap_or_else(|| Err(gone()))
     }
 
     /// Waits until every worker has both disconnected and exited.

@@ -55,6 +55,9 @@ pub(crate) const COMMANDS: usize = 64;
 /// frames is slowed down alone.
 pub(crate) const REPORTS: usize = 256;
 
+/// Where a reload's outcome goes.
+pub(crate) type ReloadReply = oneshot::Sender<Result<(), Error>>;
+
 /// What a handle asks of the supervisor; each carries its reply.
 pub(crate) enum Command<W> {
     /// Fork the configured workers, once (the first use of a handle).
@@ -92,6 +95,15 @@ pub(crate) enum Command<W> {
     Heartbeat {
         heartbeat: Heartbeat,
         reply: oneshot::Sender<()>,
+    },
+    /// A rolling reload (see [`Primary::reload`](crate::Primary::reload)).
+    Reload {
+        grace: Duration,
+        reply: ReloadReply,
+    },
+    /// The running rollout ended.
+    RolloutDone {
+        result: Result<(), Error>,
     },
     /// Disconnect every worker and let the event stream end once all are gone.
     Close,
@@ -199,6 +211,12 @@ pub(crate) struct Supervisor<P, W> {
     stopping: Option<Stopping>,
     exit: Option<(i32, String)>,
     exit_at: Option<Instant>,
+    /// The callers of the rollout that runs, if one does.
+    rollout: Option<Vec<ReloadReply>>,
+    /// The reloads asked for while it runs: one more rollout, with the last grace asked for.
+    next_rollout: Option<(Duration, Vec<ReloadReply>)>,
+    /// To hand a rollout the command queue without keeping the supervisor alive by it.
+    myself: mpsc::WeakSender<Command<W>>,
 }
 
 impl<P: Message, W: Message> Supervisor<P, W> {
@@ -211,6 +229,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         events: EventTx<P, W>,
         reports: mpsc::Sender<Report>,
         view: watch::Sender<View<W>>,
+        myself: mpsc::WeakSender<Command<W>>,
     ) -> Self {
         Supervisor {
             config,
@@ -236,6 +255,9 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             stopping: None,
             exit: None,
             exit_at: None,
+            rollout: None,
+            next_rollout: None,
+            myself,
         }
     }
 
@@ -290,9 +312,38 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 inherit,
                 reply,
             } => {
-                self.closing = false;
-                let r = self.fork(&env, probation, inherit);
+                // A rollout's replacement is never forked once the cluster is closing; a fork
+                // of the user's opens the cluster again.
+                let r = if probation && self.closing {
+                    Err(super::rollout::cancelled())
+                } else {
+                    self.closing = false;
+                    self.fork(&env, probation, inherit)
+                };
                 let _ = reply.send(r);
+            }
+            Command::Reload { grace, reply } => {
+                if self.closing {
+                    let _ = reply.send(Err(super::rollout::cancelled()));
+                } else if self.rollout.is_some() {
+                    let next = self.next_rollout.get_or_insert_with(|| (grace, Vec::new()));
+                    next.0 = grace;
+                    next.1.push(reply);
+                } else {
+                    self.start_rollout(grace, vec![reply]);
+                }
+            }
+            Command::RolloutDone { result } => {
+                for reply in self.rollout.take().into_iter().flatten() {
+                    let copy = match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(Error::new(e.kind(), e.to_string())),
+                    };
+                    let _ = reply.send(copy);
+                }
+                if let Some((grace, replies)) = self.next_rollout.take() {
+                    self.start_rollout(grace, replies);
+                }
             }
             Command::Trust { id } => {
                 if let Some(e) = self.entries.get_mut(&id) {
@@ -336,6 +387,19 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 reply,
             } => self.shutdown(grace, owe_exit, exit_after, reply),
         }
+    }
+
+    fn start_rollout(&mut self, grace: Duration, replies: Vec<ReloadReply>) {
+        let Some(commands) = self.myself.upgrade() else {
+            return;
+        };
+        self.rollout = Some(replies);
+        let rollout = super::rollout::Rollout {
+            commands,
+            view: self.view.subscribe(),
+            grace,
+        };
+        tokio::spawn(rollout.run());
     }
 
     fn set_settings(&mut self, settings: Settings) {
@@ -625,6 +689,10 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         self.initial = 0;
         self.closing = true;
         self.due_forks.clear();
+        // The running rollout sees `closing` and stops; the one that would follow never starts.
+        for reply in self.next_rollout.take().into_iter().flat_map(|(_, r)| r) {
+            let _ = reply.send(Err(super::rollout::cancelled()));
+        }
         for e in self.entries.values() {
             if e.life().connected() {
                 e.worker.disconnect();
