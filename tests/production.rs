@@ -1056,6 +1056,44 @@ fn hello_http_exits_0_on_sigterm_and_leaves_no_worker() {
 }
 
 #[test]
+fn a_2s_shutdown_with_an_idle_keep_alive_client_exits_0() {
+    // The drain's idle grace is 2 s too: without the primary's grace it would reach the kill.
+    let port = free_port();
+    let mut p = hello_http(&[
+        ("PORT", &port.to_string()),
+        ("CLUSTER_WORKERS", "1"),
+        ("CLUSTER_SHUTDOWN_TIMEOUT", "2"),
+    ]);
+    let pids = started_workers(&mut p, 1);
+    let _guard = KillOnDrop(pids.clone());
+    // One request on a keep-alive connection, which then stays open and silent.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    idle.set_read_timeout(Some(WAIT)).unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(b"hello world\n") {
+        let n = idle.read(&mut buf).unwrap();
+        assert!(n > 0, "the connection closed before the answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let t = Instant::now();
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit().code(), Some(0), "stderr: {}", p.stderr());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    // The idle connection was closed by the drain, not left to the kill.
+    assert_eq!(idle.read(&mut buf).unwrap_or(0), 0);
+    for pid in pids {
+        wait_gone(pid);
+    }
+}
+
+#[test]
 fn hello_http_sigkill_of_the_primary_under_load_leaves_no_worker() {
     let port = free_port();
     let mut p = hello_http(&[("PORT", &port.to_string()), ("CLUSTER_WORKERS", "2")]);

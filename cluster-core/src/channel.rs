@@ -1168,8 +1168,11 @@ mod tests {
         )
         .unwrap();
         // Lifecycle control keeps its place behind the user frames.
-        out.send(&Wire::<()>::Control(Control::Disconnect), vec![])
-            .unwrap();
+        out.send(
+            &Wire::<()>::Control(Control::Disconnect { within_ms: None }),
+            vec![],
+        )
+        .unwrap();
         assert!(matches!(
             out.try_send_user(&(n, vec![0u8; 1]), None),
             Err(SendFail::Full)
@@ -1184,7 +1187,7 @@ mod tests {
         assert!(ping <= 1, "ping came after {ping} frames: {got:?}");
         assert_eq!(got[ping + 1], "Accepted { server: 4, n: 1 }");
         assert_eq!(got[ping + 2], "Conn { server: 4 }");
-        assert_eq!(got.last().unwrap(), "Disconnect");
+        assert_eq!(got.last().unwrap(), "Disconnect { within_ms: None }");
         let users: Vec<&String> = got.iter().filter(|f| f.parse::<u32>().is_ok()).collect();
         assert_eq!(users.len() as u32, n);
     }

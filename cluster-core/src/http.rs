@@ -26,7 +26,8 @@ use crate::net::TcpListener;
 #[derive(Debug, Clone, Copy)]
 pub struct DrainOptions {
     /// How long a keep-alive connection may stay idle during the drain before it is closed
-    /// (default 2 s). Clients that send within it get their answer with `Connection: close`.
+    /// (default 2 s; at most half the grace the primary gives the worker to leave). Clients that
+    /// send within it get their answer with `Connection: close`.
     pub idle_grace: Duration,
 }
 
@@ -36,6 +37,14 @@ impl Default for DrainOptions {
             idle_grace: Duration::from_secs(2),
         }
     }
+}
+
+/// How long idle connections may stay during this drain: the configured grace, but at most half
+/// of what the primary gave this worker to leave (a shutdown's or a reload's grace), so that one
+/// idle keep-alive client never turns a clean exit into a kill.
+fn idle_grace(options: DrainOptions) -> Duration {
+    let within = crate::worker::link().and_then(|l| l.drain_within());
+    within.map_or(options.idle_grace, |w| options.idle_grace.min(w / 2))
 }
 
 /// Serves `handler` on `listener` until the worker disconnects, then drains; returns once
@@ -117,7 +126,7 @@ where
     // give idle keep-alive connections a moment to send, then close the rest once idle.
     draining.store(true, Ordering::Relaxed);
     let mut left = open.subscribe();
-    let _ = tokio::time::timeout(options.idle_grace, left.wait_for(|n| *n == 0)).await;
+    let _ = tokio::time::timeout(idle_grace(options), left.wait_for(|n| *n == 0)).await;
     graceful.shutdown().await;
     Ok(())
 }

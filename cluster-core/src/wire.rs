@@ -63,8 +63,13 @@ pub enum Control {
         /// A readable reason.
         reason: String,
     },
-    /// Primary -> worker: close your servers and the channel.
-    Disconnect,
+    /// Primary -> worker: close your servers and the channel; `within_ms`, when set, is how long
+    /// the primary waits before it kills the worker (a shutdown's or a reload's grace), so the
+    /// drain can finish inside it.
+    Disconnect {
+        /// The primary's grace, in milliseconds.
+        within_ms: Option<u64>,
+    },
     /// Worker -> primary: I am leaving on purpose (`exited_after_disconnect`).
     Disconnecting,
     /// Worker -> primary: give me the server for `key`.

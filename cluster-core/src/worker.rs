@@ -27,6 +27,8 @@ pub(crate) struct Link {
     disconnecting: AtomicBool,
     /// Flips to true when the worker disconnects: listeners stop accepting.
     pub(crate) closing: watch::Sender<bool>,
+    /// The grace the primary gave with its `Disconnect`, in milliseconds (0: none said).
+    drain_within: std::sync::atomic::AtomicU64,
     next_req: AtomicU32,
     queries: Mutex<HashMap<u32, oneshot::Sender<ServerAnswer>>>,
     /// Connections the primary handed over, per round-robin server.
@@ -131,6 +133,14 @@ impl Link {
         rx.await.map_err(|_| Error::closed(self.id))
     }
 
+    /// How long the primary gives this worker to leave, once told to: its grace, if it said.
+    pub(crate) fn drain_within(&self) -> Option<std::time::Duration> {
+        match self.drain_within.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+
     pub(crate) fn is_disconnecting(&self) -> bool {
         self.disconnecting.load(Ordering::Relaxed)
     }
@@ -223,6 +233,7 @@ impl<P: Message, W: Message> Worker<P, W> {
             outbox,
             disconnecting: AtomicBool::new(false),
             closing,
+            drain_within: std::sync::atomic::AtomicU64::new(0),
             next_req: AtomicU32::new(0),
             queries: Mutex::new(HashMap::new()),
             handoffs: Handoffs::default(),
@@ -405,8 +416,11 @@ async fn read_primary<W: Message>(
                     "worker {} refused by the primary: {reason}",
                     link.id
                 )),
-                Control::Disconnect => {
+                Control::Disconnect { within_ms } => {
                     inbox = None;
+                    if let Some(ms) = within_ms {
+                        link.drain_within.store(ms.max(1), Ordering::Relaxed);
+                    }
                     link.begin_disconnect(false);
                 }
                 Control::ServerReply { req, result } => {

@@ -120,7 +120,7 @@ impl<W: Message> Rollout<W> {
             replacement = new.id(),
             "reload: replacement ready, disconnecting the old worker"
         );
-        old.disconnect();
+        old.disconnect_within(Some(self.grace));
         let gone = tokio::time::timeout(self.grace, old.wait_until(|s| s.life.status().is_some()));
         if gone.await.is_err() {
             let _ = old.kill_with(Signal::SIGKILL);

@@ -379,7 +379,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 self.heartbeat = Some((heartbeat, tokio::time::interval(heartbeat.interval)));
                 let _ = reply.send(());
             }
-            Command::Close => self.close(),
+            Command::Close => self.close(None),
             Command::Shutdown {
                 grace,
                 owe_exit,
@@ -685,7 +685,9 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         }
     }
 
-    fn close(&mut self) {
+    /// Disconnects every worker; `grace` is how long they have before they are killed, if
+    /// that is so.
+    fn close(&mut self, grace: Option<Duration>) {
         self.initial = 0;
         self.closing = true;
         self.due_forks.clear();
@@ -695,7 +697,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         }
         for e in self.entries.values() {
             if e.life().connected() {
-                e.worker.disconnect();
+                e.worker.disconnect_within(grace);
             }
         }
         // Wakes a `next_event` that waits: with no worker left it must now end.
@@ -710,7 +712,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         reply: Option<oneshot::Sender<bool>>,
     ) {
         crate::systemd::notify::stopping();
-        self.close();
+        self.close(Some(grace));
         let kill_at = Instant::now() + grace;
         match &mut self.stopping {
             Some(s) => {

@@ -217,14 +217,21 @@ impl<W> WorkerRef<W> {
     /// [`Primary::workers`](crate::Primary::workers) at once. Once it is gone,
     /// `exited_after_disconnect()` is `Some(true)`. Repeated calls do nothing.
     pub fn disconnect(&self) -> &Self {
-        if !self.is_connected() || self.shared.leaving.swap(true, Ordering::Relaxed) {
-            return self;
-        }
-        let _ = self
-            .shared
-            .outbox
-            .send(&Wire::<()>::Control(Control::Disconnect), vec![]);
+        self.disconnect_within(None);
         self
+    }
+
+    /// [`disconnect`](Self::disconnect), telling the worker how long it has before it is
+    /// killed, so that its drain ends inside that time.
+    pub(crate) fn disconnect_within(&self, grace: Option<Duration>) {
+        if !self.is_connected() || self.shared.leaving.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let within_ms = grace.map(|g| u64::try_from(g.as_millis()).unwrap_or(u64::MAX));
+        let _ = self.shared.outbox.send(
+            &Wire::<()>::Control(Control::Disconnect { within_ms }),
+            vec![],
+        );
     }
 
     /// Sends SIGTERM at once, with no disconnect handshake (Node's `worker.kill()`); afterwards
