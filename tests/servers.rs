@@ -686,3 +686,64 @@ fn connections_that_exhaust_the_primary_are_all_served() {
         fx.seen()
     );
 }
+
+/// The lowest descriptor number process `pid` has free.
+fn lowest_free_fd(pid: u32) -> usize {
+    let open: std::collections::BTreeSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read the fd table")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).expect("a free number")
+}
+
+/// Sets the descriptor limit of process `pid` (with util-linux's `prlimit`).
+fn limit_fds(pid: u32, n: usize) {
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={n}:{}", n.max(4096)))
+        .status()
+        .expect("run prlimit");
+    assert!(
+        status.success(),
+        "prlimit --pid={pid} --nofile={n}: {status}"
+    );
+}
+
+/// A worker out of descriptors (its own accepts, under `shared`) waits instead of spinning on
+/// `EMFILE`, and serves the connections that waited once it has room again.
+#[test]
+fn a_worker_out_of_descriptors_backs_off_then_serves_what_waited() {
+    const N: usize = 20;
+    let mut fx = Fixture::start(1, "shared", &[]);
+    let addr = sock(&fx.shared_addr(1));
+    // No connection before: none of its descriptors closes behind our back.
+    let worker = fx.workers.0[0];
+    // The kernel gives the lowest free number, and refuses one at or above the limit: with the
+    // limit at the lowest free number, every accept fails with EMFILE.
+    limit_fds(worker, lowest_free_fd(worker));
+    let conns: Vec<TcpStream> = (0..N).map(|_| connect(addr)).collect();
+    let mut probe = [0u8; 8];
+    let last = &conns[N - 1];
+    last.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("read timeout");
+    let early = (&*last).read(&mut probe);
+    assert!(
+        early.is_err(),
+        "served while the worker had no descriptor: {early:?}"
+    );
+    last.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let before = cpu_ticks(worker);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(worker) - before;
+    assert!(
+        used <= 30,
+        "the worker used {used} ticks of CPU in 1 s while out of descriptors"
+    );
+    assert!(alive(worker), "the worker died");
+    limit_fds(worker, 1024);
+    for c in conns {
+        assert_eq!(answer(c), 1);
+    }
+    assert_eq!(ask(addr), 1);
+    fx.quit();
+}

@@ -97,3 +97,12 @@ pub(crate) fn local_addr(fd: &OwnedFd, like: &BindAddr) -> io::Result<BindAddr> 
         (_, None) => return Err(io::Error::other("socket has no IP address")),
     })
 }
+
+/// Whether an accept failed for want of descriptors or memory: the connection stays in the
+/// kernel's queue, and the caller should wait a little rather than try again at once.
+pub(crate) fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
+    )
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 
 use crate::channel::Outbox;
+use crate::socket;
 use crate::sys;
 use crate::systemd;
 use crate::wire::{Control, Wire};
@@ -85,7 +86,7 @@ impl RoundRobin {
             }
             match res {
                 Ok(()) => backoff = Duration::from_millis(5),
-                Err(e) if is_fd_exhaustion(&e) => {
+                Err(e) if socket::is_fd_exhaustion(&e) => {
                     // Out of descriptors: the pending connection stays in the kernel's queue.
                     // Wait instead of spinning, and try again once some may have closed.
                     tokio::select! {
@@ -194,11 +195,4 @@ impl RrState {
         }
         self.backlog.push_back(conn);
     }
-}
-
-fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
-    )
 }

@@ -7,9 +7,23 @@ use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{OwnedMutexGuard, mpsc, watch};
 
 use super::{Registration, closed, is_nonblocking};
-use tokio::sync::{OwnedMutexGuard, mpsc, watch};
+use crate::socket;
+
+/// Out of descriptors, an accept waits this long before it tries again, doubling up to
+/// [`MAX_PAUSE`] (as the primary's accept loop does), instead of spinning on `EMFILE`: the
+/// connection stays in the kernel's queue meanwhile.
+const MIN_PAUSE: Duration = Duration::from_millis(5);
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// Says that the worker is out of descriptors: once per wait, so at most once a second.
+fn warn_exhausted(e: &io::Error, pause: Duration) {
+    tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept: out of descriptors; waiting");
+}
 
 pub(super) type HandoffQueue = mpsc::UnboundedReceiver<OwnedFd>;
 
@@ -75,6 +89,9 @@ pub(super) enum Accepted<L: OsListener> {
 pub(super) struct Polling {
     pub(super) closed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     pub(super) lock: Option<Pin<Box<dyn Future<Output = OwnedMutexGuard<HandoffQueue>> + Send>>>,
+    /// While out of descriptors: the wait before the next accept, and the one after it.
+    pub(super) pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    pub(super) delay: Duration,
 }
 
 /// Where a stream listener's connections come from, and when it stops: the part the TCP and
@@ -131,7 +148,19 @@ impl<L: OsListener> Acceptor<L> {
     pub(super) async fn next(&self) -> Option<io::Result<Accepted<L>>> {
         let fut = async {
             match &self.source {
-                Source::Own(l) => l.accept().await.map(|(s, a)| Accepted::Own(s, a)),
+                Source::Own(l) => {
+                    let mut pause = MIN_PAUSE;
+                    loop {
+                        match l.accept().await {
+                            Err(e) if socket::is_fd_exhaustion(&e) => {
+                                warn_exhausted(&e, pause);
+                                tokio::time::sleep(pause).await;
+                                pause = (pause * 2).min(MAX_PAUSE);
+                            }
+                            r => break r.map(|(s, a)| Accepted::Own(s, a)),
+                        }
+                    }
+                }
                 Source::Handoff(h) => {
                     let fd = h.rx.lock().await.recv().await.ok_or_else(closed)?;
                     Ok(self.acknowledge(h, fd))
@@ -165,11 +194,27 @@ impl<L: OsListener> Acceptor<L> {
             }
         }
         let h = match &self.source {
-            Source::Own(l) => {
-                return l
-                    .poll_accept(cx)
-                    .map(|r| Some(r.map(|(s, a)| Accepted::Own(s, a))));
-            }
+            Source::Own(l) => loop {
+                if let Some(pause) = polling.pause.as_mut() {
+                    if pause.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    polling.pause = None;
+                }
+                match l.poll_accept(cx) {
+                    Poll::Ready(Err(e)) if socket::is_fd_exhaustion(&e) => {
+                        let next = polling.delay.clamp(MIN_PAUSE, MAX_PAUSE);
+                        warn_exhausted(&e, next);
+                        polling.delay = next * 2;
+                        polling.pause = Some(Box::pin(tokio::time::sleep(next)));
+                    }
+                    Poll::Ready(r) => {
+                        polling.delay = MIN_PAUSE;
+                        return Poll::Ready(Some(r.map(|(s, a)| Accepted::Own(s, a))));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            },
             Source::Handoff(h) => h,
         };
         // The receiver, without waiting in line when no `accept` holds it.
