@@ -242,14 +242,7 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// first use, they are not in its answer yet (use [`start`](Self::start) to wait for them).
     pub fn workers(&self) -> Vec<WorkerRef<W>> {
         self.ensure_started_now();
-        self.inner
-            .view
-            .borrow()
-            .workers
-            .iter()
-            .filter(|w| !w.leaving())
-            .cloned()
-            .collect()
+        self.inner.view.borrow().listed().cloned().collect()
     }
 
     /// The live worker with this id.
@@ -257,9 +250,8 @@ impl<P: Message, W: Message> Primary<P, W> {
         self.inner
             .view
             .borrow()
-            .workers
-            .iter()
-            .find(|w| w.id() == id && !w.leaving())
+            .listed()
+            .find(|w| w.id() == id)
             .cloned()
     }
 

@@ -44,14 +44,7 @@ impl<W: Message> Rollout<W> {
     }
 
     async fn each(&self) -> Result<(), Error> {
-        let olds: Vec<WorkerRef<W>> = self
-            .view
-            .borrow()
-            .workers
-            .iter()
-            .filter(|w| !w.leaving())
-            .cloned()
-            .collect();
+        let olds: Vec<WorkerRef<W>> = self.view.borrow().listed().cloned().collect();
         for old in olds {
             if self.cancelled() {
                 return Err(cancelled());

@@ -132,6 +132,13 @@ pub(crate) struct View<W> {
     pub(crate) exit: Option<(i32, String)>,
 }
 
+impl<W> View<W> {
+    /// The workers `Primary::workers` lists: those the user did not ask to leave.
+    pub(crate) fn listed(&self) -> impl Iterator<Item = &WorkerRef<W>> {
+        self.workers.iter().filter(|w| !w.leaving())
+    }
+}
+
 impl<W> Default for View<W> {
     fn default() -> Self {
         View {
