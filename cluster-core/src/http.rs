@@ -17,24 +17,30 @@ use std::time::Duration;
 use hyper::body::{Body, Incoming};
 use hyper::header::{CONNECTION, HeaderValue};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 
 use crate::net::TcpListener;
 
-/// How the drain behaves.
+/// How `serve` treats slow and idle clients, and how it drains.
 #[derive(Debug, Clone, Copy)]
 pub struct DrainOptions {
     /// How long a keep-alive connection may stay idle during the drain before it is closed
     /// (default 2 s; at most half the grace the primary gives the worker to leave). Clients that
     /// send within it get their answer with `Connection: close`.
     pub idle_grace: Duration,
+    /// How long a client has to send a request's headers, counted from the start of the
+    /// connection or the end of the previous response (default 30 s; `None`: no limit). A client
+    /// that trickles, stalls in its headers or sits idle on a keep-alive connection that long is
+    /// closed, so slow clients cannot hold a worker's connections, or its drain, for ever.
+    pub header_read_timeout: Option<Duration>,
 }
 
 impl Default for DrainOptions {
     fn default() -> Self {
         DrainOptions {
             idle_grace: Duration::from_secs(2),
+            header_read_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -88,6 +94,10 @@ where
 {
     let draining = Arc::new(AtomicBool::new(false));
     let graceful = GracefulShutdown::new();
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
     // Connections still open, so the drain waits for the last one to end instead of polling.
     let (open, _) = tokio::sync::watch::channel(0usize);
     let open = Arc::new(open);
@@ -112,8 +122,7 @@ where
                 Ok::<_, Infallible>(res)
             }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service);
+        let conn = http1.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         open.send_modify(|n| *n += 1);
         let open = open.clone();
@@ -129,4 +138,49 @@ where
     let _ = tokio::time::timeout(idle_grace(options), left.wait_for(|n| *n == 0)).await;
     graceful.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that stalls in its headers is closed after the header timeout, while a normal
+    /// request on the same server is answered.
+    #[tokio::test]
+    async fn a_client_stalled_in_its_headers_is_closed_by_the_header_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = DrainOptions {
+            header_read_timeout: Some(Duration::from_millis(300)),
+            ..DrainOptions::default()
+        };
+        tokio::spawn(serve_with(
+            listener,
+            |_req| async { Response::new(http_body_util::Full::new(&b"ok"[..])) },
+            options,
+        ));
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nx-slow: ")
+            .await
+            .unwrap();
+        let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+        ok.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), ok.read_to_end(&mut answer))
+            .await
+            .expect("the normal request is answered")
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        let started = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        // The server closes the stalled connection (hyper may answer 408 first).
+        tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest))
+            .await
+            .expect("the stalled client is closed")
+            .ok();
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 }
