@@ -134,6 +134,7 @@ impl Link {
     }
 
     /// How long the primary gives this worker to leave, once told to: its grace, if it said.
+    #[cfg(feature = "http")]
     pub(crate) fn drain_within(&self) -> Option<std::time::Duration> {
         match self.drain_within.load(Ordering::Relaxed) {
             0 => None,

@@ -97,14 +97,14 @@ impl Servers {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Handles a server-related control message from worker `id`.
+    /// Handles a server-related control message from worker `id`; whether it granted a server.
     pub(crate) fn handle(
         self: &Arc<Self>,
         id: u32,
         outbox: &Arc<Outbox>,
         c: Control,
         _fds: Vec<OwnedFd>,
-    ) {
+    ) -> bool {
         match c {
             Control::QueryServer {
                 req, addr, index, ..
@@ -113,10 +113,12 @@ impl Servers {
                     Ok((grant, bound, fds)) => (Ok((grant, bound)), fds),
                     Err(e) => (Err((e.raw_os_error().unwrap_or(0), e.to_string())), vec![]),
                 };
+                let granted = result.is_ok();
                 let _ = outbox.send(
                     &Wire::<()>::Control(Control::ServerReply { req, result }),
                     fds,
                 );
+                return granted;
             }
             Control::Accepted { server, n } => {
                 let rr = self.lock().keys.values().find_map(|k| match &k.kind {
@@ -130,6 +132,7 @@ impl Servers {
             Control::CloseServer { addr, index } => self.leave(id, &(addr, index)),
             _ => {}
         }
+        false
     }
 
     fn query(

@@ -180,6 +180,7 @@ impl<P, W> EventTx<P, W> {
         cost: usize,
         budget: &Arc<Semaphore>,
         limit: usize,
+        parked: &std::sync::atomic::AtomicBool,
     ) {
         if batch.is_empty() {
             return;
@@ -189,10 +190,16 @@ impl<P, W> EventTx<P, W> {
             .min(u32::MAX as usize) as u32;
         match budget.try_acquire_many(cost) {
             Ok(p) => p.forget(),
-            Err(_) => match budget.acquire_many(cost).await {
-                Ok(p) => p.forget(),
-                Err(_) => return,
-            },
+            Err(_) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                parked.store(true, Relaxed);
+                let got = budget.acquire_many(cost).await;
+                parked.store(false, Relaxed);
+                match got {
+                    Ok(p) => p.forget(),
+                    Err(_) => return,
+                }
+            }
         }
         for ev in batch.iter() {
             trace_event(ev);

@@ -268,14 +268,18 @@ impl<P: Message, W: Message> Primary<P, W> {
         let mut inbox = self.inner.inbox.lock().await;
         let mut view = self.inner.view.clone();
         loop {
+            // The view first: the supervisor queues a worker's last event before it publishes
+            // that nobody is left, so a view that says "done" read before an empty queue means
+            // the stream really ended.
+            let done = {
+                let v = view.borrow_and_update();
+                v.closing && v.workers.is_empty()
+            };
             if let Some(ev) = inbox.pop() {
                 return Some(ev);
             }
-            {
-                let v = view.borrow_and_update();
-                if v.closing && v.workers.is_empty() {
-                    return None;
-                }
+            if done {
+                return None;
             }
             tokio::select! {
                 more = inbox.fill() => if !more { return None },
@@ -366,8 +370,10 @@ impl<P: Message, W: Message> Primary<P, W> {
             return false;
         }
         let clean = rx.await.unwrap_or(false);
-        // Every exit is queued; the view says nobody is left once the last one is.
-        self.wait_for_exits().await;
+        if clean {
+            // Every exit is queued; the view says nobody is left once the last one is.
+            self.wait_for_exits().await;
+        }
         clean
     }
 

@@ -129,7 +129,7 @@ impl Respawn {
             self.backoff = self.policy.min_backoff;
         }
         let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(self.policy.max_backoff);
+        self.backoff = self.backoff.saturating_mul(2).min(self.policy.max_backoff);
         Verdict::RespawnAfter(delay)
     }
 }

@@ -21,6 +21,9 @@ use crate::wire::{Control, VERSION, Wire};
 /// Messages decoded from one read go out together, up to this many.
 const BATCH: usize = 1024;
 
+/// The most of a worker's last words (`Fatal`) the primary keeps.
+const FATAL_MAX: usize = 4096;
+
 /// What a reader tells the supervisor.
 #[derive(Debug)]
 pub(crate) enum Report {
@@ -32,8 +35,6 @@ pub(crate) enum Report {
         address: ListenAddress,
         ack: oneshot::Sender<()>,
     },
-    /// An answer to a heartbeat.
-    Pong { id: u32 },
     /// The worker says why it is about to exit.
     Fatal { id: u32, message: String },
     /// The worker leaves on purpose (its own `disconnect()`).
@@ -83,6 +84,9 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
         let outbox = &w.shared.outbox;
         let mut online = false;
         let mut refused = false;
+        // What a worker may say once, and how many servers it may say it listens on.
+        let (mut said_fatal, mut said_leaving) = (false, false);
+        let (mut granted, mut listened) = (0usize, 0usize);
         let mut batch: Vec<Event<P, W>> = Vec::new();
         let mut cost = 0;
         let (budget, limit) = (self.budget.clone(), self.limit);
@@ -90,7 +94,9 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
             // Messages decoded from one read go out together, before anything else is said
             // and before the next read.
             if !batch.is_empty() && (!self.reader.has_frame() || batch.len() >= BATCH) {
-                self.events.messages(&mut batch, cost, &budget, limit).await;
+                self.events
+                    .messages(&mut batch, cost, &budget, limit, &w.shared.parked)
+                    .await;
                 cost = 0;
             }
             let incoming = match self.reader.next::<P>().await {
@@ -129,6 +135,7 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
                         continue;
                     }
                     online = true;
+                    w.shared.heard();
                     let _ = outbox.send(&Wire::<()>::Control(Control::Welcome), vec![]);
                     self.report(|ack| Report::Online { id, ack }).await;
                 }
@@ -149,20 +156,34 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
                     });
                 }
                 Incoming::Frame(Wire::Control(c), fds) => match c {
-                    Control::Disconnecting => {
+                    Control::Disconnecting if !said_leaving => {
+                        said_leaving = true;
                         let _ = self.reports.send(Report::Disconnecting { id }).await;
                     }
-                    Control::Ping(n) => {
-                        let _ = outbox.send(&Wire::<()>::Control(Control::Pong(n)), vec![]);
-                    }
-                    Control::Pong(_) => {
-                        let _ = self.reports.send(Report::Pong { id }).await;
-                    }
-                    Control::Fatal { message } => {
+                    // The primary pings, workers answer; a worker's ping gets no answer, so a
+                    // flood of them cannot grow the outbox.
+                    Control::Ping(_) | Control::Disconnecting => {}
+                    Control::Pong(_) => w.shared.heard(),
+                    Control::Fatal { mut message } if !said_fatal => {
+                        said_fatal = true;
+                        if message.len() > FATAL_MAX {
+                            let mut end = FATAL_MAX;
+                            while !message.is_char_boundary(end) {
+                                end -= 1;
+                            }
+                            message.truncate(end);
+                            message.push_str(" [...]");
+                        }
                         let _ = self.reports.send(Report::Fatal { id, message }).await;
                     }
+                    Control::Fatal { .. } => {}
+                    // Only as many `Listening` as servers granted: each is one event.
+                    Control::Listening { .. } if listened >= granted => {}
                     Control::Listening { addr } => {
-                        self.events.messages(&mut batch, cost, &budget, limit).await;
+                        listened += 1;
+                        self.events
+                            .messages(&mut batch, cost, &budget, limit, &w.shared.parked)
+                            .await;
                         cost = 0;
                         self.report(|ack| Report::Listening {
                             id,
@@ -178,12 +199,16 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
                                 .conns
                                 .fetch_add(u64::from(*n), Ordering::Relaxed);
                         }
-                        self.servers.handle(id, outbox, other, fds)
+                        if self.servers.handle(id, outbox, other, fds) {
+                            granted += 1;
+                        }
                     }
                 },
             }
         };
-        self.events.messages(&mut batch, cost, &budget, limit).await;
+        self.events
+            .messages(&mut batch, cost, &budget, limit, &w.shared.parked)
+            .await;
         outcome
     }
 }

@@ -38,7 +38,7 @@ pub(super) fn handle<P: Message, W: Message>(
                     }
                 }
                 _ = ttou.recv() => {
-                    if let Some(w) = me.workers().last() {
+                    if let Some(w) = me.workers().into_iter().rev().find(|w| w.is_connected()) {
                         w.disconnect();
                     }
                 }

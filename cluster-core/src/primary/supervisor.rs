@@ -160,7 +160,6 @@ struct Entry<W> {
     /// The worker said it leaves on purpose.
     said_leaving: bool,
     probation: bool,
-    last_pong: Instant,
     online_at: Option<Instant>,
     /// The process exited while its channel was open: the exit waits for the channel to close,
     /// until the deadline.
@@ -278,9 +277,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
-                // Reports first: what happened to a worker is settled before the next command
-                // acts on it.
-                biased;
+                // No `biased`: a worker flooding reports must not starve commands and timers.
                 Some(report) = reports.recv() => self.on_report(report),
                 command = commands.recv(), if handles => match command {
                     Some(command) => self.on_command(command),
@@ -323,6 +320,11 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 // of the user's opens the cluster again.
                 let r = if probation && self.closing {
                     Err(super::rollout::cancelled())
+                } else if self.stopping.is_some() {
+                    Err(Error::new(
+                        ErrorKind::InvalidState,
+                        "the cluster is shutting down: no worker is forked until the shutdown ends",
+                    ))
                 } else {
                     self.closing = false;
                     self.fork(&env, probation, inherit)
@@ -380,10 +382,15 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             }
             Command::Respawn { policy, reply } => {
                 self.respawn = policy.map(Respawn::new);
+                if self.respawn.is_none() {
+                    self.due_forks.clear();
+                }
                 let _ = reply.send(());
             }
             Command::Heartbeat { heartbeat, reply } => {
-                self.heartbeat = Some((heartbeat, tokio::time::interval(heartbeat.interval)));
+                // `interval` refuses a zero period.
+                let every = heartbeat.interval.max(Duration::from_millis(1));
+                self.heartbeat = Some((heartbeat, tokio::time::interval(every)));
                 let _ = reply.send(());
             }
             Command::Close => self.close(None),
@@ -486,7 +493,6 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 settings: self.settings.clone(),
                 said_leaving: false,
                 probation,
-                last_pong: Instant::now(),
                 online_at: None,
                 exit_pending: None,
             },
@@ -509,11 +515,16 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         tokio::spawn(reader.run());
         let reports = self.reports.clone();
         let mut child = spawned.child;
+        let waited = worker.shared.clone();
         tokio::spawn(async move {
             let status = match child.wait().await {
                 Ok(s) => ExitStatus::from_std(s),
                 Err(_) => ExitStatus::Code(-1),
             };
+            // Reaped: no signal may go to this pid any more.
+            waited
+                .reaped
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = reports.send(Report::Exited { id, status }).await;
         });
         Ok(worker)
@@ -526,7 +537,6 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                     if let Some(life) = e.life().next(Fact::Online) {
                         let now = Instant::now();
                         e.status.send_modify(|s| s.life = life);
-                        e.last_pong = now;
                         e.online_at = Some(now);
                         // These settings start workers that work: a failed reload returns
                         // to them.
@@ -557,11 +567,6 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 let _ = ack.send(());
                 self.check_ready();
             }
-            Report::Pong { id } => {
-                if let Some(e) = self.entries.get_mut(&id) {
-                    e.last_pong = Instant::now();
-                }
-            }
             Report::Fatal { id, message } => {
                 if let Some(e) = self.entries.get_mut(&id) {
                     e.status.send_modify(|s| s.last_error = Some(message));
@@ -588,7 +593,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                     return;
                 };
                 if e.life().connected() {
-                    e.exit_pending = Some((status, Instant::now() + EXIT_WAITS_FOR_CHANNEL));
+                    e.exit_pending = Some((status, later(EXIT_WAITS_FOR_CHANNEL)));
                 } else {
                     self.exited(id, status);
                 }
@@ -660,7 +665,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                     delay_ms = delay.as_millis() as u64,
                     "respawning worker"
                 );
-                self.due_forks.push(now + delay);
+                self.due_forks.push(later(delay));
             }
             Verdict::CrashLoop { crashes } => {
                 let window = respawn.policy().crash_window;
@@ -720,7 +725,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
     ) {
         crate::systemd::notify::stopping();
         self.close(Some(grace));
-        let kill_at = Instant::now() + grace;
+        let kill_at = later(grace);
         match &mut self.stopping {
             Some(s) => {
                 // A second, shorter shutdown (a second SIGINT) hurries the first.
@@ -780,7 +785,13 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         let mut unresponsive = Vec::new();
         for e in self.entries.values() {
             let w = &e.worker;
-            match pulse(&hb, e.life(), w.uptime(), e.last_pong.elapsed()) {
+            // A worker whose messages wait for the user cannot be heard either: not its fault.
+            let since = if w.shared.parked.load(std::sync::atomic::Ordering::Relaxed) {
+                Duration::ZERO
+            } else {
+                w.shared.since_heard()
+            };
+            match pulse(&hb, e.life(), w.uptime(), since) {
                 Pulse::Skip => {}
                 Pulse::Ping => {
                     let _ = w
@@ -856,6 +867,19 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 });
             }
         }
+        // The reader of a worker whose messages wait for the user still has them to deliver:
+        // its exit waits on, or `Exit` would overtake them.
+        for e in self.entries.values_mut() {
+            if let Some((status, at)) = e.exit_pending
+                && at <= now
+                && e.worker
+                    .shared
+                    .parked
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                e.exit_pending = Some((status, later(EXIT_WAITS_FOR_CHANNEL)));
+            }
+        }
         let late: Vec<(u32, ExitStatus)> = self
             .entries
             .iter()
@@ -919,6 +943,13 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             crate::systemd::notify::ready();
         }
     }
+}
+
+/// `now + d`, or a deadline far enough to mean never when that overflows (`Duration::MAX`).
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 async fn tick(heartbeat: &mut Option<(Heartbeat, Interval)>) {

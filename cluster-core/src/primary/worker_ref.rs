@@ -51,6 +51,15 @@ pub(crate) struct WorkerShared {
     stderr: Mutex<Option<ChildStderr>>,
     pub(crate) started: Instant,
     pub(crate) counters: Counters,
+    /// When the worker last answered a heartbeat, in milliseconds after `started`; written by
+    /// its reader alone (a pong needs no round trip through the supervisor).
+    pub(crate) last_pong_ms: AtomicU64,
+    /// The reader waits for the user to read this worker's messages: the worker may be silent
+    /// because of us. Written by the reader alone.
+    pub(crate) parked: AtomicBool,
+    /// The process was reaped: its pid may belong to another process now. Written by the task
+    /// that waits for it, before it reports the exit.
+    pub(crate) reaped: AtomicBool,
 }
 
 impl WorkerShared {
@@ -72,7 +81,22 @@ impl WorkerShared {
             stderr: Mutex::new(stderr),
             started: Instant::now(),
             counters: Counters::default(),
+            last_pong_ms: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
+            reaped: AtomicBool::new(false),
         }
+    }
+
+    /// Records a sign of life (a pong, the handshake) now.
+    pub(crate) fn heard(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_pong_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the worker last answered, or forked if it never did.
+    pub(crate) fn since_heard(&self) -> Duration {
+        let at = Duration::from_millis(self.last_pong_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(at)
     }
 }
 
@@ -242,7 +266,7 @@ impl<W> WorkerRef<W> {
 
     /// Sends `signal` to the worker process at once.
     pub fn kill_with(&self, signal: Signal) -> Result<(), Error> {
-        if self.is_dead() || self.pid() == 0 {
+        if self.is_dead() || self.pid() == 0 || self.shared.reaped.load(Ordering::Relaxed) {
             return Err(Error::new(
                 ErrorKind::ChannelClosed,
                 format!("worker {} has already exited", self.id()),
