@@ -27,14 +27,17 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn start(mode: &str) -> (Proc, u32, KillOnDrop) {
-    let mut p = Proc::scripted(
-        FIXTURE,
-        &[
-            ("MODE", mode),
-            ("CLUSTER_WORKERS", "1"),
-            ("CLUSTER_SCHED_POLICY", "round-robin"),
-        ],
-    );
+    start_with(mode, &[])
+}
+
+fn start_with(mode: &str, env: &[(&str, &str)]) -> (Proc, u32, KillOnDrop) {
+    let mut all = vec![
+        ("MODE", mode),
+        ("CLUSTER_WORKERS", "1"),
+        ("CLUSTER_SCHED_POLICY", "round-robin"),
+    ];
+    all.extend_from_slice(env);
+    let mut p = Proc::scripted(FIXTURE, &all);
     let worker: u32 = p.expect_prefix("online pid=").parse().expect("worker pid");
     (p, worker, KillOnDrop(vec![worker]))
 }
@@ -107,6 +110,25 @@ fn a_primary_that_never_reads_events_costs_itself_bounded_memory() {
     assert!(
         primary_after.saturating_sub(primary_before) < MAX_GROWTH_KIB,
         "the primary grew from {primary_before} to {primary_after} KiB"
+    );
+    stop(p, worker);
+}
+
+/// A worker whose messages wait for the primary's user is silent because of the primary, not
+/// hung: the heartbeat (timeout 500 ms here) must not kill it while its reader waits.
+#[test]
+fn a_worker_parked_behind_unread_messages_is_not_killed_by_the_heartbeat() {
+    let (mut p, worker, _guard) = start_with("worker-floods", &[("HB_TIMEOUT_MS", "500")]);
+    p.send("go");
+    let verdict = p.wait_for("the end of the flood", |l| {
+        l.starts_with("worker blocked after ") || l.starts_with("worker sent all ")
+    });
+    assert!(verdict.starts_with("worker blocked after "), "{verdict}");
+    // Three heartbeat timeouts with its messages unread.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        common::alive(worker),
+        "the heartbeat killed a worker the primary did not read"
     );
     stop(p, worker);
 }
