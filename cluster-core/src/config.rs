@@ -152,6 +152,9 @@ pub struct Config {
     /// queued are below the limit, so one larger than the limit still goes. Control frames
     /// (connection hand-offs, acknowledgements, heartbeats) never count and never wait.
     pub outbox_limit: usize,
+    /// How long a worker waits for the primary to answer its handshake before it exits with
+    /// an error (default 10 s).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for Config {
@@ -163,6 +166,7 @@ impl Default for Config {
             worker_flavor: Flavor::CurrentThread,
             max_frame: DEFAULT_MAX_FRAME,
             outbox_limit: DEFAULT_OUTBOX_LIMIT,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -183,9 +183,12 @@ impl Decoder {
     /// an error).
     pub fn has_frame(&self) -> bool {
         let have = self.end - self.start;
+        // Exactly when `next_frame` returns something: a whole frame, or an error its header
+        // alone shows (too large, too many descriptors).
         have >= HEADER_LEN && {
             let len = self.peek_len();
-            len > self.max_frame || have >= HEADER_LEN + len
+            let nfds = self.buf[self.start + 4] as usize;
+            len > self.max_frame || nfds > MAX_FDS_PER_FRAME || have >= HEADER_LEN + len
         }
     }
 
@@ -312,6 +315,15 @@ mod tests {
         let f = frame(b"abcdef", 0);
         feed(&mut d, &f[..7], usize::MAX).unwrap();
         assert_eq!(d.finish(), Err(FrameError::Truncated { have: 7 }));
+    }
+
+    #[test]
+    fn a_header_with_too_many_descriptors_is_a_frame_to_report_before_its_payload() {
+        // A small length, 255 descriptors, and only part of the payload here.
+        let bytes = [10, 0, 0, 0, 255, 1, 2];
+        let mut d = Decoder::new(1024);
+        let r = feed(&mut d, &bytes, bytes.len());
+        assert!(matches!(r, Err(FrameError::TooManyFds(255))), "{r:?}");
     }
 
     proptest! {

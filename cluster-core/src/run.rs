@@ -164,9 +164,7 @@ where
                         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
                     let _sighup =
                         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-                    let worker =
-                        Worker::<P, W>::start(id, channel, config.max_frame, config.outbox_limit)
-                            .await;
+                    let worker = Worker::<P, W>::start(id, channel, &config).await;
                     let out = main(Context {
                         primary: None,
                         worker: Some(worker),

@@ -222,7 +222,9 @@ impl<P: Message, W: Message> Worker<P, W> {
     /// Connects to the primary over `channel` and passes the handshake; exits the process with a
     /// clear message when the primary refuses this worker. `limit` bounds the bytes of user
     /// messages waiting in each direction ([`Config::outbox_limit`](crate::Config)).
-    pub(crate) async fn start(id: u32, channel: OwnedFd, max_frame: usize, limit: usize) -> Self {
+    pub(crate) async fn start(id: u32, channel: OwnedFd, config: &crate::config::Config) -> Self {
+        let (max_frame, limit) = (config.max_frame, config.outbox_limit);
+        let wait = config.handshake_timeout;
         let stream = match channel::into_stream(channel) {
             Ok(s) => s,
             Err(e) => fatal(&format!("worker {id}: cannot use the channel: {e}")),
@@ -259,13 +261,15 @@ impl<P: Message, W: Message> Worker<P, W> {
             room,
             hello_tx,
         ));
-        match tokio::time::timeout(Duration::from_secs(60), hello_rx).await {
+        match tokio::time::timeout(wait, hello_rx).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(reason))) => fatal(&format!("worker {id} refused by the primary: {reason}")),
-            // The primary went away before answering: leave quietly, as after its death.
-            Ok(Err(_)) => std::process::exit(0),
+            // Not a clean end: this worker never ran, and whoever watches its exit should know.
+            Ok(Err(_)) => fatal(&format!(
+                "worker {id}: the channel to the primary closed during the handshake"
+            )),
             Err(_) => fatal(&format!(
-                "worker {id}: the primary did not answer the handshake within 60 s"
+                "worker {id}: the primary did not answer the handshake within {wait:?}"
             )),
         }
         Worker {

@@ -163,7 +163,14 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
                     // The primary pings, workers answer; a worker's ping gets no answer, so a
                     // flood of them cannot grow the outbox.
                     Control::Ping(_) | Control::Disconnecting => {}
-                    Control::Pong(_) => w.shared.heard(),
+                    // Only an answer to the latest ping (or the one before, overtaken by the
+                    // latest in flight): a stale or unsolicited pong proves nothing now.
+                    Control::Pong(n) => {
+                        let last = w.shared.last_ping.load(Ordering::Relaxed);
+                        if n != 0 && (n == last || n + 1 == last) {
+                            w.shared.heard();
+                        }
+                    }
                     Control::Fatal { mut message } if !said_fatal => {
                         said_fatal = true;
                         if message.len() > FATAL_MAX {

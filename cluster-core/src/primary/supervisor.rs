@@ -794,6 +794,9 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             match pulse(&hb, e.life(), w.uptime(), since) {
                 Pulse::Skip => {}
                 Pulse::Ping => {
+                    w.shared
+                        .last_ping
+                        .store(self.ping_seq, std::sync::atomic::Ordering::Relaxed);
                     let _ = w
                         .shared
                         .outbox

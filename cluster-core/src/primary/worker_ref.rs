@@ -54,6 +54,9 @@ pub(crate) struct WorkerShared {
     /// When the worker last answered a heartbeat, in milliseconds after `started`; written by
     /// its reader alone (a pong needs no round trip through the supervisor).
     pub(crate) last_pong_ms: AtomicU64,
+    /// The sequence number of the last heartbeat sent; only a `Pong` of that number counts.
+    /// Written by the supervisor alone.
+    pub(crate) last_ping: AtomicU64,
     /// The reader waits for the user to read this worker's messages: the worker may be silent
     /// because of us. Written by the reader alone.
     pub(crate) parked: AtomicBool,
@@ -82,6 +85,7 @@ impl WorkerShared {
             started: Instant::now(),
             counters: Counters::default(),
             last_pong_ms: AtomicU64::new(0),
+            last_ping: AtomicU64::new(0),
             parked: AtomicBool::new(false),
             reaped: AtomicBool::new(false),
         }
