@@ -745,6 +745,8 @@ pub(crate) enum ReadFail {
     Decode(String),
     Io(io::Error),
     MissingFds,
+    /// Descriptors arrived that no frame announces.
+    UnannouncedFds(usize),
 }
 
 impl ReadFail {
@@ -765,6 +767,10 @@ impl ReadFail {
             ReadFail::MissingFds => Error::new(
                 ErrorKind::Malformed,
                 format!("{who} sent a frame announcing descriptors that did not arrive"),
+            ),
+            ReadFail::UnannouncedFds(n) => Error::new(
+                ErrorKind::Malformed,
+                format!("{who} sent {n} descriptors that no frame announces; they were closed"),
             ),
             ReadFail::Io(e) => Error::io(
                 ErrorKind::Io,
@@ -809,6 +815,13 @@ impl Reader {
                 let fds = self.fds.drain(..nfds).collect();
                 self.last_len = payload.len();
                 return Ok(Incoming::Frame(msg, fds));
+            }
+            // Every whole frame has taken its descriptors: what is left belongs to the frame
+            // still arriving, which comes with one `sendmsg` and so at most MAX_FDS_PER_FRAME of
+            // them. More is a peer sending descriptors no frame announces; they would pile up
+            // here, so the channel ends (and they close with the reader).
+            if self.fds.len() > MAX_FDS_PER_FRAME {
+                return Err(ReadFail::UnannouncedFds(self.fds.len()));
             }
             if self.eof {
                 self.decoder.finish().map_err(ReadFail::Frame)?;
@@ -1190,6 +1203,36 @@ mod tests {
         assert_eq!(got.last().unwrap(), "Disconnect { within_ms: None }");
         let users: Vec<&String> = got.iter().filter(|f| f.parse::<u32>().is_ok()).collect();
         assert_eq!(users.len() as u32, n);
+    }
+
+    #[tokio::test]
+    async fn descriptors_no_frame_announces_end_the_channel_and_are_closed() {
+        let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut r = Reader::new(into_stream(b.into()).unwrap(), 1024);
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let raw = vec![std::os::fd::AsRawFd::as_raw_fd(&file); 200];
+        let before = open();
+        // Two frames that announce no descriptor, each sent with 200.
+        for seq in 1..=2u64 {
+            let mut bytes = Vec::new();
+            frame::encode(&mut bytes, &Wire::<()>::Control(Control::Ping(seq)), 0).unwrap();
+            sys::send_with_fds(a.as_fd(), &bytes, &raw).unwrap();
+        }
+        assert!(matches!(
+            r.next::<()>().await,
+            Ok(Incoming::Frame(Wire::Control(Control::Ping(1)), _))
+        ));
+        assert!(matches!(
+            r.next::<()>().await,
+            Ok(Incoming::Frame(Wire::Control(Control::Ping(2)), _))
+        ));
+        assert!(matches!(
+            r.next::<()>().await,
+            Err(ReadFail::UnannouncedFds(400))
+        ));
+        drop(r);
+        assert_eq!(open(), before - 1, "the received descriptors stay open");
     }
 
     #[tokio::test]
