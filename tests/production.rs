@@ -835,13 +835,19 @@ fn notify_socket_gets_ready_reloading_and_stopping() {
 /// Starts the fixture as systemd would for socket activation: `listener` on descriptor 3,
 /// `LISTEN_PID` naming the primary itself, `LISTEN_FDS=1`.
 fn socket_activated(listener: &TcpListener, env: &[(&str, &str)]) -> Fixture {
+    socket_activated_with(listener, "1", env)
+}
+
+/// [`socket_activated`] with `LISTEN_FDS` set to `count`, whatever it says.
+fn socket_activated_with(listener: &TcpListener, count: &str, env: &[(&str, &str)]) -> Fixture {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let exe = common::example(FIXTURE);
     let mut cmd = command("/bin/sh", env);
     cmd.arg("-c")
-        .arg(r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$0""#)
-        .arg(&exe);
+        .arg(r#"LISTEN_PID=$$ LISTEN_FDS="$1" exec "$0""#)
+        .arg(&exe)
+        .arg(count);
     let fd = listener.as_raw_fd();
     // SAFETY: runs in the forked child before `exec`; `dup2` and `fcntl` are async-signal-safe
     // and touch only descriptor numbers (the listener's, copied by the fork, and 3).
@@ -901,6 +907,64 @@ fn socket_activation_serves_a_blocking_inherited_socket() {
     // As systemd by default (`NonBlocking=no`).
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     serve_inherited(&listener);
+}
+
+/// The line of `f`'s stderr that contains `needle`, once it arrived (or `WAIT` passed).
+fn stderr_line(f: &Fixture, needle: &str) -> String {
+    let _ = f.last_stderr_line(needle);
+    let all = f.p.stderr();
+    all.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle:?} in stderr: {all}"))
+        .to_owned()
+}
+
+#[test]
+fn listen_fds_edge_values_start_at_once_with_a_clear_line() {
+    // A huge count with one socket: the primary stops at descriptor 4, which is not open.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let t = Instant::now();
+    let mut f = socket_activated_with(
+        &listener,
+        "2147483000",
+        &[("CLUSTER_WORKERS", "1"), ("ADDR", &addr)],
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "start took {:?}",
+        t.elapsed()
+    );
+    f.listening(1);
+    assert_eq!(served_by(&ask(port, "x").unwrap()), 1);
+    let line = stderr_line(&f, "LISTEN_FDS");
+    assert!(
+        line.contains("LISTEN_FDS=2147483000, but descriptor 4 is not open: using the 1 socket"),
+        "{line}"
+    );
+    f.signal(Signal::SIGTERM);
+    assert_eq!(f.exit_code(), Some(0));
+    f.all_workers_gone();
+    // Past libsystemd's bound, or not a number: ignored, said, and the cluster binds its own.
+    for count in ["2147483647", "-1", "many"] {
+        let t = Instant::now();
+        let mut f = socket_activated_with(&listener, count, &[("CLUSTER_WORKERS", "1")]);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "start took {:?}",
+            t.elapsed()
+        );
+        f.listening(1);
+        let line = stderr_line(&f, "LISTEN_FDS");
+        assert!(
+            line.contains("is not a descriptor count; ignored"),
+            "{count}: {line}"
+        );
+        f.signal(Signal::SIGTERM);
+        assert_eq!(f.exit_code(), Some(0));
+        f.all_workers_gone();
+    }
 }
 
 #[test]

@@ -243,23 +243,37 @@ pub fn async_listener(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedF
         .map_err(|e| e.into_parts().1)
 }
 
-/// Takes the `n` sockets systemd passed from descriptor 3 on (socket activation).
-pub fn adopt_listen_fds(n: i32) -> Vec<OwnedFd> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    (3..3 + n)
-        .filter(|fd| fcntl(*fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_ok())
+/// Takes the `n` sockets systemd passed from descriptor 3 on, as libsystemd does: it stops at
+/// the first descriptor that is not open (so a wrong, huge `n` costs nothing), and leaves alone
+/// (neither adopted nor changed) one that is not a socket. Returns the sockets and, when it
+/// stopped early, the first descriptor that was not open.
+pub fn adopt_listen_fds(n: u32) -> (Vec<OwnedFd>, Option<RawFd>) {
+    use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+    use nix::sys::stat::{SFlag, fstat};
+    let mut fds = Vec::new();
+    for i in 0..n {
+        let Some(fd) = RawFd::try_from(i).ok().and_then(|i| i.checked_add(3)) else {
+            break;
+        };
+        let Ok(st) = fstat(fd) else {
+            return (fds, Some(fd));
+        };
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+            continue;
+        }
+        if fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_err() {
+            return (fds, Some(fd));
+        }
         // systemd passes blocking sockets by default; the primary's accept loop needs them
         // non-blocking (the flag is the socket's, so workers that get it agree).
-        .filter(|fd| {
-            let flags = fcntl(*fd, FcntlArg::F_GETFL).unwrap_or(0);
-            let flags =
-                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-            fcntl(*fd, FcntlArg::F_SETFL(flags)).is_ok()
-        })
-        .map(|fd| {
-            // SAFETY: `LISTEN_PID` names this process, so systemd handed it descriptors 3 to
-            // 3 + n - 1 (checked open above); the primary takes them before any other code runs.
-            unsafe { OwnedFd::from_raw_fd(fd) }
-        })
-        .collect()
+        let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap_or(0));
+        if fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).is_err() {
+            continue;
+        }
+        // SAFETY: `LISTEN_PID` names this process, so systemd handed it this descriptor (open
+        // and a socket, checked above); the primary takes it before any other code runs, and
+        // nothing else in the process owns it.
+        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    (fds, None)
 }

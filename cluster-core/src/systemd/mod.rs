@@ -16,10 +16,7 @@ pub(crate) unsafe fn take_from_env() {
     let listen_pid = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok());
-    let listen_fds = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse::<i32>().ok())
-        .unwrap_or(0);
+    let listen_fds = std::env::var("LISTEN_FDS").ok();
     for key in [
         "NOTIFY_SOCKET",
         "LISTEN_PID",
@@ -30,8 +27,23 @@ pub(crate) unsafe fn take_from_env() {
         unsafe { crate::sys::remove_env(key) };
     }
     notify::set_socket(notify);
-    if listen_pid == Some(std::process::id()) && listen_fds > 0 {
-        let fds = crate::sys::adopt_listen_fds(listen_fds);
-        activation::adopt(fds);
+    if listen_pid != Some(std::process::id()) {
+        return;
+    }
+    let Some(text) = listen_fds else { return };
+    // libsystemd's bound: descriptors start at 3, so at most `i32::MAX - 3` of them.
+    match text.trim().parse::<u32>() {
+        Ok(0) => {}
+        Ok(n) if n <= i32::MAX as u32 - 3 => {
+            let (fds, stopped) = crate::sys::adopt_listen_fds(n);
+            if let Some(fd) = stopped {
+                eprintln!(
+                    "cluster: LISTEN_FDS={n}, but descriptor {fd} is not open: using the {} socket(s) before it",
+                    fds.len()
+                );
+            }
+            activation::adopt(fds);
+        }
+        _ => eprintln!("cluster: LISTEN_FDS={text:?} is not a descriptor count; ignored"),
     }
 }
