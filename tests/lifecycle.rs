@@ -392,6 +392,57 @@ fn uid_and_gid_apply_to_later_forks() {
 }
 
 #[test]
+fn a_uid_without_gid_gets_that_users_groups_never_roots() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: changing a worker's user needs root");
+        return;
+    }
+    let nobody = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(65534))
+        .unwrap()
+        .expect("a user 65534 (nobody)");
+    let mut p = fixture("1");
+    let pid = online(&mut p, 1);
+    p.send("uid_only 65534");
+    p.wait_for("uid", |l| l == "uid set");
+    p.send("fork");
+    let pid2 = online(&mut p, 2);
+    let _guard = KillOnDrop(vec![pid, pid2]);
+    p.send("send 2 where");
+    let line = p.seen_or_wait("where 2", |l| {
+        l.starts_with("event message id=2 msg=Where {")
+    });
+    let gid = nobody.gid.as_raw();
+    assert!(line.contains(&format!("gid: {gid},")), "{line}");
+    assert!(line.contains("uid: 65534 "), "{line}");
+    // Not root's group, primary or supplementary.
+    let groups = line
+        .split("groups: [")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap();
+    assert!(
+        !groups.split(", ").any(|g| g == "0"),
+        "a worker under uid 65534 kept group 0: {line}"
+    );
+    // A uid with no passwd entry has no groups to take: the fork fails, and says what to do.
+    assert!(
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(54321))
+            .unwrap()
+            .is_none()
+    );
+    p.send("uid_only 54321");
+    p.seen_or_wait("uid", |l| l == "uid set");
+    p.send("fork");
+    let failed = p.wait_for("fork failed", |l| l.starts_with("fork failed"));
+    assert!(
+        failed.starts_with("fork failed kind=Spawn") && failed.contains("set `gid` too"),
+        "{failed}"
+    );
+}
+
+#[test]
 fn a_handler_reads_the_state_of_its_event_even_after_it_awaits() {
     let mut p = Proc::start("fixture_moments", &[("CLUSTER_WORKERS", "1")]);
     let status = p.wait_exit();

@@ -263,9 +263,11 @@ pub struct Settings {
     /// When true, the worker's stdout and stderr are pipes the primary reads
     /// ([`WorkerRef::take_stdout`](crate::WorkerRef::take_stdout)); otherwise they are inherited.
     pub silent: bool,
-    /// User id to run the worker as.
+    /// User id to run the worker as. Without [`gid`](Self::gid), the worker gets that user's
+    /// primary group and supplementary groups (as `initgroups` gives them); a uid with no
+    /// passwd entry then fails the fork. Never the primary's groups (root's, typically).
     pub uid: Option<u32>,
-    /// Group id to run the worker as.
+    /// Group id to run the worker as; with it, the worker has no supplementary groups.
     pub gid: Option<u32>,
 }
 

@@ -79,6 +79,25 @@ pub fn recv_with_fds(
     Ok(n)
 }
 
+/// Runs in the child between `fork` and `exec`, after [`child_setup`]: becomes `uid` with group
+/// `gid` and exactly the supplementary `groups` (computed before the fork). Only
+/// async-signal-safe system calls; in this order, since each needs the privileges the next one
+/// drops.
+pub fn become_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: plain system calls in the forked child; `groups` is a slice allocated before the
+    // fork, read as `len` `gid_t`s (`u32` on every Unix we build for), not written.
+    unsafe {
+        if libc::setgroups(groups.len() as _, groups.as_ptr().cast()) < 0
+            || libc::setgid(gid) < 0
+            || libc::setuid(uid) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Runs in the child between `fork` and `exec` (from `Command::pre_exec`): puts the channel on
 /// descriptor 3 and the executable handle on 4, and marks every other descriptor close-on-exec.
 /// Only async-signal-safe system calls are made here: no allocation, no locks.

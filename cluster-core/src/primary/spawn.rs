@@ -88,12 +88,14 @@ impl Launcher {
         if let Some(cwd) = &settings.cwd {
             cmd.current_dir(cwd);
         }
-        if let Some(uid) = settings.uid {
-            cmd.uid(uid);
-        }
-        if let Some(gid) = settings.gid {
-            cmd.gid(gid);
-        }
+        let user = match (settings.uid, settings.gid) {
+            (Some(uid), gid) => Some(identity(id, uid, gid)?),
+            (None, Some(gid)) => {
+                cmd.gid(gid);
+                None
+            }
+            (None, None) => None,
+        };
         if settings.silent {
             cmd.stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped());
@@ -104,6 +106,13 @@ impl Launcher {
         // async-signal-safe system calls (see `sys::child_setup`); it captures two integers.
         unsafe {
             cmd.pre_exec(move || sys::child_setup(chan_fd, exe_fd));
+        }
+        if let Some((uid, gid, groups)) = user {
+            // SAFETY: as above; `become_user` makes three system calls on values computed
+            // before the fork, and the closure owns the vector it reads.
+            unsafe {
+                cmd.pre_exec(move || sys::become_user(uid, gid, &groups));
+            }
         }
         let program = settings.exec.as_ref().map_or_else(
             || "the primary's own executable".to_owned(),
@@ -122,4 +131,30 @@ impl Launcher {
             .map_err(|e| Error::io(ErrorKind::Spawn, "cannot register the channel", e))?;
         Ok(Spawned { child, pid, stream })
     }
+}
+
+/// Who worker `id` runs as for `uid`: the group given, with no supplementary group, or else the
+/// user's primary group and its supplementary groups, as `initgroups` would set them (looked up
+/// here, before the fork: the child may only make system calls).
+fn identity(id: u32, uid: u32, gid: Option<u32>) -> Result<(u32, u32, Vec<u32>), Error> {
+    use nix::unistd::{Uid, User, getgrouplist};
+    if let Some(gid) = gid {
+        return Ok((uid, gid, Vec::new()));
+    }
+    let no_user = |why: String| {
+        Error::new(
+            ErrorKind::Spawn,
+            format!("cannot start worker {id} as uid {uid} without a gid: {why}; set `gid` too"),
+        )
+    };
+    let user = User::from_uid(Uid::from_raw(uid))
+        .map_err(|e| no_user(e.to_string()))?
+        .ok_or_else(|| no_user("no such user".to_owned()))?;
+    let name = std::ffi::CString::new(user.name.as_bytes()).map_err(|e| no_user(e.to_string()))?;
+    let groups = getgrouplist(&name, user.gid).map_err(|e| no_user(e.to_string()))?;
+    Ok((
+        uid,
+        user.gid.as_raw(),
+        groups.into_iter().map(|g| g.as_raw()).collect(),
+    ))
 }
