@@ -407,13 +407,11 @@ fn a_uid_without_gid_gets_that_users_groups_never_roots() {
     p.send("fork");
     let pid2 = online(&mut p, 2);
     let _guard = KillOnDrop(vec![pid, pid2]);
-    p.send("send 2 where");
-    let line = p.seen_or_wait("where 2", |l| {
-        l.starts_with("event message id=2 msg=Where {")
-    });
+    p.send("send 2 ids");
+    let line = p.seen_or_wait("ids 2", |l| l.starts_with("event message id=2 msg=Ids {"));
     let gid = nobody.gid.as_raw();
     assert!(line.contains(&format!("gid: {gid},")), "{line}");
-    assert!(line.contains("uid: 65534 "), "{line}");
+    assert!(line.contains("uid: 65534,"), "{line}");
     // Not root's group, primary or supplementary.
     let groups = line
         .split("groups: [")
