@@ -1207,12 +1207,19 @@ mod tests {
 
     #[tokio::test]
     async fn descriptors_no_frame_announces_end_the_channel_and_are_closed() {
-        let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        // A file of this test's own, so that the count is not disturbed by tests running beside.
+        let path = std::env::temp_dir().join(format!("cluster-unannounced-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let open = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|target| *target == path)
+                .count()
+        };
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut r = Reader::new(into_stream(b.into()).unwrap(), 1024);
-        let file = std::fs::File::open("/dev/null").unwrap();
         let raw = vec![std::os::fd::AsRawFd::as_raw_fd(&file); 200];
-        let before = open();
         // Two frames that announce no descriptor, each sent with 200.
         for seq in 1..=2u64 {
             let mut bytes = Vec::new();
@@ -1231,8 +1238,11 @@ mod tests {
             r.next::<()>().await,
             Err(ReadFail::UnannouncedFds(400))
         ));
+        assert_eq!(open(), 401, "the reader holds them until it is dropped");
         drop(r);
-        assert_eq!(open(), before - 1, "the received descriptors stay open");
+        assert_eq!(open(), 1, "the received descriptors stay open");
+        drop(file);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[tokio::test]
