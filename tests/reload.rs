@@ -290,3 +290,76 @@ fn fifty_sighups_5ms_apart_leave_the_configured_workers_and_fail_no_request() {
     let status = p.wait_exit();
     assert!(status.success(), "primary exit: {status:?}");
 }
+
+/// Clients that never finish their headers (slowloris) hold no drain: a reload under 50 of them
+/// takes about what it takes without them, not the 30 s grace per worker.
+#[test]
+fn a_reload_under_slow_clients_is_not_held_by_them() {
+    let port = common::free_low_port();
+    let port_s = port.to_string();
+    let mut p = Proc::start(
+        "hello_http",
+        &[("PORT", port_s.as_str()), ("CLUSTER_WORKERS", "2")],
+    );
+    p.expect_prefix("Primary");
+    p.expect_prefix("Worker");
+    p.expect_prefix("Worker");
+    let slow: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nx-slow: ")
+                .unwrap();
+            s
+        })
+        .collect();
+    // Every slow connection has reached a worker.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats_connections(&mut p) < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow clients never reached the workers"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = Instant::now();
+    p.signal(Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let (workers, forked) = stats(&mut p);
+        if workers == 2 && forked == 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload did not finish: {workers} workers, {forked} forked"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = t.elapsed();
+    eprintln!("reload under 50 slow clients took {took:?}");
+    assert!(took < Duration::from_secs(10), "the reload took {took:?}");
+    drop(slow);
+    p.signal(Signal::SIGTERM);
+    let status = p.wait_exit();
+    assert!(status.success(), "primary exit: {status:?}");
+}
+
+/// The connections the primary handed the workers, from `cluster.stats()` (round-robin).
+fn stats_connections(p: &mut Proc) -> u64 {
+    p.signal(Signal::SIGUSR2);
+    let head = p.wait_for("stats", |l| {
+        l.contains(" workers, ") && l.contains(" forked")
+    });
+    let workers: usize = head.split_whitespace().next().unwrap().parse().unwrap();
+    // The column header, then one line per worker: `id pid state uptime connections ...`.
+    let _ = p.line();
+    (0..workers)
+        .map(|_| {
+            let l = p.line();
+            l.split_whitespace()
+                .nth(4)
+                .and_then(|c| c.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}

@@ -101,6 +101,10 @@ where
     // Connections still open, so the drain waits for the last one to end instead of polling.
     let (open, _) = tokio::sync::watch::channel(0usize);
     let open = Arc::new(open);
+    // Connections that have not sent a whole request yet, which hyper's graceful shutdown does
+    // not close (it closes only a connection between requests): a slow or stalled client would
+    // hold the drain until the header timeout. Pruned as connections end.
+    let mut fresh: Vec<(tokio::task::AbortHandle, Arc<AtomicBool>)> = Vec::new();
     while let Some(conn) = listener.next().await {
         let stream = match conn {
             Ok((stream, _)) => stream,
@@ -109,9 +113,12 @@ where
         };
         let handler = handler.clone();
         let draining = draining.clone();
+        let asked = Arc::new(AtomicBool::new(false));
+        let seen = asked.clone();
         let service = hyper::service::service_fn(move |req| {
             let handler = handler.clone();
             let draining = draining.clone();
+            seen.store(true, Ordering::Relaxed);
             async move {
                 let mut res = handler(req).await;
                 if draining.load(Ordering::Relaxed) {
@@ -124,20 +131,45 @@ where
         });
         let conn = http1.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
-        open.send_modify(|n| *n += 1);
-        let open = open.clone();
-        tokio::spawn(async move {
+        let guard = Open::new(open.clone());
+        let task = tokio::spawn(async move {
+            let _open = guard;
             let _ = conn.await;
-            open.send_modify(|n| *n -= 1);
         });
+        if fresh.len() >= 64 && fresh.len().is_power_of_two() {
+            fresh.retain(|(task, asked)| !task.is_finished() && !asked.load(Ordering::Relaxed));
+        }
+        fresh.push((task.abort_handle(), asked));
     }
     // The listener closed: the worker is leaving. Answer what comes with `Connection: close`,
     // give idle keep-alive connections a moment to send, then close the rest once idle.
     draining.store(true, Ordering::Relaxed);
     let mut left = open.subscribe();
     let _ = tokio::time::timeout(idle_grace(options), left.wait_for(|n| *n == 0)).await;
+    // A connection that never sent a whole request has nothing in flight: close it now.
+    for (task, asked) in fresh {
+        if !asked.load(Ordering::Relaxed) {
+            task.abort();
+        }
+    }
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Counts an open connection until dropped (also when its task is aborted).
+struct Open(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Open {
+    fn new(open: Arc<tokio::sync::watch::Sender<usize>>) -> Self {
+        open.send_modify(|n| *n += 1);
+        Open(open)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 #[cfg(test)]
