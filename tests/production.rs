@@ -592,6 +592,31 @@ fn reloads_asked_at_once_run_one_rollout_and_one_more() {
 }
 
 #[test]
+fn sigttin_during_a_reload_applies_after_it() {
+    // The first replacement takes a second to listen: SIGTTIN comes during the rollout.
+    let mut f = Fixture::start(2, &[("BEHAVIOUR_3", "late:1000")]);
+    f.listening(1);
+    f.listening(2);
+    f.signal(Signal::SIGHUP);
+    f.expect("fork 3 ");
+    f.signal(Signal::SIGTTIN);
+    // The rollout goes on with one replacement at a time (4 replaces 2), then the extra worker.
+    f.listening(5);
+    let order = ["fork 3 ", "exit 1 ", "fork 4 ", "exit 2 ", "fork 5 "];
+    let at: Vec<usize> = order.iter().map(|p| f.index(p)).collect();
+    assert!(
+        at.windows(2).all(|w| w[0] < w[1]),
+        "order {order:?} at {at:?}; seen: {:#?}",
+        f.p.seen
+    );
+    let ids: Vec<u32> = f.workers().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, [3, 4, 5]);
+    f.signal(Signal::SIGTERM);
+    assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
+    f.all_workers_gone();
+}
+
+#[test]
 fn sigterm_during_a_reload_forks_nothing_more_and_exits_0() {
     // The first replacement takes a second to listen: the shutdown comes in that window.
     let mut f = Fixture::start(2, &[("BEHAVIOUR_3", "late:1000")]);

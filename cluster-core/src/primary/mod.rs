@@ -31,6 +31,7 @@ pub use stats::{Stats, WorkerStats};
 pub use worker_ref::WorkerRef;
 
 use events::Inbox;
+pub(crate) use supervisor::Scale;
 use supervisor::{COMMANDS, Command, REPORTS, Supervisor, View};
 
 use crate::config::{Config, Heartbeat, RespawnPolicy, SchedulingPolicy, Settings};
@@ -321,24 +322,17 @@ impl<P: Message, W: Message> Primary<P, W> {
 
     /// Sets the number of workers: forks the missing ones, or gracefully disconnects the newest
     /// until `n` remain (what SIGTTIN and SIGTTOU do one at a time). Returns the workers forked.
+    /// Asked during a rolling reload, it applies once the rollout is done (so the rollout's one
+    /// replacement at a time holds); scale requests made meanwhile combine into one.
     pub async fn scale_to(&self, n: usize) -> Result<Vec<WorkerRef<W>>, Error> {
-        let live: Vec<WorkerRef<W>> = self
-            .start()
+        self.scale(Scale::To(n)).await
+    }
+
+    pub(crate) async fn scale(&self, to: Scale) -> Result<Vec<WorkerRef<W>>, Error> {
+        self.ensure_started().await;
+        self.call(|reply| Command::Scale { to, reply })
             .await
-            .into_iter()
-            .filter(|w| w.is_connected())
-            .collect();
-        let mut forked = Vec::new();
-        if live.len() < n {
-            for _ in live.len()..n {
-                forked.push(self.fork().await?);
-            }
-        } else {
-            for w in live.iter().rev().take(live.len() - n) {
-                w.disconnect();
-            }
-        }
-        Ok(forked)
+            .unwrap_or_else(|| Err(gone()))
     }
 
     /// A snapshot of the cluster: every live worker's pid, state, uptime, connections and

@@ -33,14 +33,20 @@ pub(super) fn handle<P: Message, W: Message>(
                     });
                 }
                 _ = ttin.recv() => {
-                    if let Err(error) = me.fork().await {
-                        me.report(error);
-                    }
+                    let m = me.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = m.scale(super::Scale::By(1)).await {
+                            m.report(error);
+                        }
+                    });
                 }
                 _ = ttou.recv() => {
-                    if let Some(w) = me.workers().into_iter().rev().find(|w| w.is_connected()) {
-                        w.disconnect();
-                    }
+                    let m = me.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = m.scale(super::Scale::By(-1)).await {
+                            m.report(error);
+                        }
+                    });
                 }
             }
         }

@@ -58,6 +58,29 @@ pub(crate) const REPORTS: usize = 256;
 /// Where a reload's outcome goes.
 pub(crate) type ReloadReply = oneshot::Sender<Result<(), Error>>;
 
+/// Where a scale request's outcome goes: the workers it forked.
+pub(crate) type ScaleReply<W> = oneshot::Sender<Result<Vec<WorkerRef<W>>, Error>>;
+
+/// A worker count asked for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scale {
+    /// Exactly this many connected workers.
+    To(usize),
+    /// This many more (or fewer) than are connected when it applies.
+    By(isize),
+}
+
+impl Scale {
+    /// This request, then `next`: one request with the effect of both.
+    fn then(self, next: Scale) -> Scale {
+        match (self, next) {
+            (_, Scale::To(n)) => Scale::To(n),
+            (Scale::To(n), Scale::By(d)) => Scale::To(n.saturating_add_signed(d)),
+            (Scale::By(a), Scale::By(b)) => Scale::By(a.saturating_add(b)),
+        }
+    }
+}
+
 /// What a handle asks of the supervisor; each carries its reply.
 pub(crate) enum Command<W> {
     /// Fork the configured workers, once (the first use of a handle).
@@ -104,6 +127,11 @@ pub(crate) enum Command<W> {
     /// The running rollout ended.
     RolloutDone {
         result: Result<(), Error>,
+    },
+    /// Set the worker count (after the running rollout, if one runs).
+    Scale {
+        to: Scale,
+        reply: ScaleReply<W>,
     },
     /// Disconnect every worker and let the event stream end once all are gone.
     Close,
@@ -221,6 +249,8 @@ pub(crate) struct Supervisor<P, W> {
     rollout: Option<Vec<ReloadReply>>,
     /// The reloads asked for while it runs: one more rollout, with the last grace asked for.
     next_rollout: Option<(Duration, Vec<ReloadReply>)>,
+    /// Scale requests that came during a rollout, combined: applied when it ends.
+    pending_scale: Option<(Scale, Vec<ScaleReply<W>>)>,
     /// To hand a rollout the command queue without keeping the supervisor alive by it.
     myself: mpsc::WeakSender<Command<W>>,
 }
@@ -263,6 +293,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             exit_at: None,
             rollout: None,
             next_rollout: None,
+            pending_scale: None,
             myself,
         }
     }
@@ -350,8 +381,23 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                     };
                     let _ = reply.send(copy);
                 }
+                if let Some((to, replies)) = self.pending_scale.take() {
+                    self.scale(to, replies);
+                }
                 if let Some((grace, replies)) = self.next_rollout.take() {
                     self.start_rollout(grace, replies);
+                }
+            }
+            Command::Scale { to, reply } => {
+                if self.rollout.is_some() {
+                    let (pending, mut replies) = self
+                        .pending_scale
+                        .take()
+                        .map_or((to, Vec::new()), |(p, r)| (p.then(to), r));
+                    replies.push(reply);
+                    self.pending_scale = Some((pending, replies));
+                } else {
+                    self.scale(to, vec![reply]);
                 }
             }
             Command::Trust { id } => {
@@ -400,6 +446,60 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 exit_after,
                 reply,
             } => self.shutdown(grace, owe_exit, exit_after, reply),
+        }
+    }
+
+    /// Forks or disconnects workers until `to` connected ones remain (the newest leave first).
+    fn scale(&mut self, to: Scale, replies: Vec<ScaleReply<W>>) {
+        if self.stopping.is_some() {
+            for reply in replies {
+                let _ = reply.send(Err(Error::new(
+                    ErrorKind::InvalidState,
+                    "the cluster is shutting down: its size does not change",
+                )));
+            }
+            return;
+        }
+        let live: Vec<WorkerRef<W>> = self
+            .entries
+            .values()
+            .filter(|e| e.life().connected() && !e.worker.leaving())
+            .map(|e| e.worker.clone())
+            .collect();
+        let n = match to {
+            Scale::To(n) => n,
+            Scale::By(d) => live.len().saturating_add_signed(d),
+        };
+        let mut result = Ok(Vec::new());
+        if live.len() < n {
+            // As a fork of the user's, more workers open a closed cluster again.
+            self.closing = false;
+            for _ in live.len()..n {
+                match self.fork(&[], false, None) {
+                    Ok(w) => {
+                        if let Ok(forked) = &mut result {
+                            forked.push(w);
+                        }
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+        } else {
+            for w in live.iter().rev().take(live.len() - n) {
+                w.disconnect();
+            }
+            // Leaving workers are out of `workers()` at once.
+            self.publish();
+        }
+        for reply in replies {
+            let copy = match &result {
+                Ok(forked) => Ok(forked.clone()),
+                Err(e) => Err(Error::new(e.kind(), e.to_string())),
+            };
+            let _ = reply.send(copy);
         }
     }
 
@@ -703,8 +803,12 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         self.initial = 0;
         self.closing = true;
         self.due_forks.clear();
-        // The running rollout sees `closing` and stops; the one that would follow never starts.
+        // The running rollout sees `closing` and stops; the one that would follow never starts,
+        // nor does a scale that waited for it.
         for reply in self.next_rollout.take().into_iter().flat_map(|(_, r)| r) {
+            let _ = reply.send(Err(super::rollout::cancelled()));
+        }
+        for reply in self.pending_scale.take().into_iter().flat_map(|(_, r)| r) {
             let _ = reply.send(Err(super::rollout::cancelled()));
         }
         for e in self.entries.values() {
