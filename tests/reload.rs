@@ -176,6 +176,20 @@ fn reload_under_load(policy: &str, n: u16) {
     assert!(status.success(), "primary exit: {status:?}");
 }
 
+/// `hello_http` with 2 workers on a free port, both started.
+fn hello_http_with_two_workers() -> (Proc, u16) {
+    let port = common::free_low_port();
+    let port_s = port.to_string();
+    let mut p = Proc::start(
+        "hello_http",
+        &[("PORT", port_s.as_str()), ("CLUSTER_WORKERS", "2")],
+    );
+    p.expect_prefix("Primary");
+    p.expect_prefix("Worker");
+    p.expect_prefix("Worker");
+    (p, port)
+}
+
 /// The live children of `pid` (its workers), from every process's `stat`.
 fn children(pid: u32) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -206,15 +220,7 @@ fn stats(p: &mut Proc) -> (usize, usize) {
 
 #[test]
 fn fifty_sighups_5ms_apart_leave_the_configured_workers_and_fail_no_request() {
-    let port = common::free_low_port();
-    let port_s = port.to_string();
-    let mut p = Proc::start(
-        "hello_http",
-        &[("PORT", port_s.as_str()), ("CLUSTER_WORKERS", "2")],
-    );
-    p.expect_prefix("Primary");
-    p.expect_prefix("Worker");
-    p.expect_prefix("Worker");
+    let (mut p, port) = hello_http_with_two_workers();
     let primary = p.pid();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -295,15 +301,7 @@ fn fifty_sighups_5ms_apart_leave_the_configured_workers_and_fail_no_request() {
 /// takes about what it takes without them, not the 30 s grace per worker.
 #[test]
 fn a_reload_under_slow_clients_is_not_held_by_them() {
-    let port = common::free_low_port();
-    let port_s = port.to_string();
-    let mut p = Proc::start(
-        "hello_http",
-        &[("PORT", port_s.as_str()), ("CLUSTER_WORKERS", "2")],
-    );
-    p.expect_prefix("Primary");
-    p.expect_prefix("Worker");
-    p.expect_prefix("Worker");
+    let (mut p, port) = hello_http_with_two_workers();
     let slow: Vec<TcpStream> = (0..50)
         .map(|_| {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
