@@ -113,7 +113,9 @@ fn frames(c: &mut Criterion) {
                 spare[..n].copy_from_slice(&rest[..n]);
                 dec.filled(n);
                 rest = &rest[n..];
-                while let Some((_, payload)) = dec.next_frame().expect("well formed") {
+                while let Some(frame::Frame { payload, .. }) =
+                    dec.next_frame().expect("well formed")
+                {
                     let msg: Wire<Tick> = postcard::from_bytes(payload).expect("decodes");
                     if let Wire::User {
                         msg: Tick::Tick(x), ..
@@ -146,7 +148,9 @@ fn frames(c: &mut Criterion) {
                 spare[..n].copy_from_slice(&rest[..n]);
                 dec.filled(n);
                 rest = &rest[n..];
-                while let Some((_, p)) = dec.next_frame().expect("well formed") {
+                while let Some(frame::Frame { payload: p, .. }) =
+                    dec.next_frame().expect("well formed")
+                {
                     got += p.len();
                 }
             }

@@ -94,7 +94,7 @@ struct OutState {
     spare: Vec<Vec<u8>>,
     /// The last frame of the back chunk of `urgent`, when it is a counted frame that later ones
     /// of its key may join (see [`Outbox::send_counted`]): (key, n, offset of the frame).
-    last_counted: Option<(u32, u32, usize)>,
+    last_counted: Option<(Counted, u32, usize)>,
     /// When a frame last found the outbox idle (see [`BURST_GAP`]).
     last_idle: Option<std::time::Instant>,
     /// A chunk is being written (by the writer task or inline): nobody else may write.
@@ -367,7 +367,7 @@ impl Outbox {
     /// with fewer frames. (Acknowledgements of handed-over connections are such frames.)
     pub(crate) fn send_counted<U: Serialize>(
         &self,
-        key: u32,
+        key: Counted,
         frame: impl Fn(u32) -> Wire<U>,
     ) -> Result<(), SendFail> {
         let mut st = self.lock();
@@ -409,7 +409,7 @@ impl Outbox {
         nfds: usize,
         add_fds: impl FnOnce(&mut Vec<OutFd>),
         lane: Lane,
-        counted: Option<u32>,
+        counted: Option<Counted>,
         wake: Wake,
     ) -> Result<(), SendFail> {
         debug_assert!(nfds <= MAX_FDS_PER_FRAME);
@@ -462,6 +462,11 @@ impl Outbox {
                 queue.pop_back();
             }
             return Err(e);
+        }
+        if nfds > 0 && chunk.fds.is_empty() {
+            // The chunk leaves in one `sendmsg` (its descriptors with the first byte): this
+            // frame is the first to take from them.
+            frame::mark_opens_group(&mut chunk.bytes, at);
         }
         add_fds(&mut chunk.fds);
         if lane == (Lane::Ordered { user: true }) {
@@ -624,6 +629,15 @@ fn write_now(stream: &UnixStream, chunk: &mut Chunk) -> io::Result<bool> {
     res.map(|()| chunk.bytes.is_empty())
 }
 
+/// What a counted frame counts (see [`Outbox::send_counted`]): runs of the same key merge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counted {
+    /// Connections of a round-robin server the worker took.
+    Accepted(u32),
+    /// Connections of a round-robin server that did not reach the worker.
+    Lost(u32),
+}
+
 /// Why a frame could not be queued.
 #[derive(Debug)]
 pub(crate) enum SendFail {
@@ -726,14 +740,29 @@ async fn write_chunk(stream: &UnixStream, chunk: &Chunk) -> io::Result<()> {
 pub(crate) struct Reader {
     stream: Arc<UnixStream>,
     decoder: Decoder,
-    fds: VecDeque<OwnedFd>,
+    /// Descriptor groups (one per `recvmsg` that brought some) whose opening frame has not
+    /// been decoded yet.
+    arrived: VecDeque<Group>,
+    /// The group the frames being decoded take their descriptors from.
+    current: Group,
     eof: bool,
     /// Payload bytes of the frame `next` returned last.
     last_len: usize,
+    /// Descriptors the frame `next` returned last announced but the kernel dropped.
+    last_lost: usize,
+}
+
+/// The descriptors of one `sendmsg`, in order, as far as they arrived.
+#[derive(Default)]
+struct Group {
+    fds: VecDeque<OwnedFd>,
+    /// The kernel dropped the rest (we were at our descriptor limit).
+    truncated: bool,
 }
 
 /// What the reader produced.
 pub(crate) enum Incoming<U> {
+    /// A frame with the descriptors that arrived for it (see [`Reader::last_lost`]).
     Frame(Wire<U>, Vec<OwnedFd>),
     Eof,
 }
@@ -786,9 +815,11 @@ impl Reader {
         Reader {
             stream,
             decoder: Decoder::new(max_frame),
-            fds: VecDeque::new(),
+            arrived: VecDeque::new(),
+            current: Group::default(),
             eof: false,
             last_len: 0,
+            last_lost: 0,
         }
     }
 
@@ -796,6 +827,13 @@ impl Reader {
     /// against its limit: what the peer paid for the message, whatever its decoded size.
     pub(crate) fn last_len(&self) -> usize {
         self.last_len
+    }
+
+    /// How many of the descriptors the frame [`Reader::next`] returned last announced did not
+    /// arrive: the kernel dropped them because this process is at its descriptor limit. The
+    /// frame came with the others (the first ones it announced), and the channel is intact.
+    pub(crate) fn last_lost(&self) -> usize {
+        self.last_lost
     }
 
     /// Whether the next message is already buffered (no read needed).
@@ -806,22 +844,22 @@ impl Reader {
     /// The next message, `Eof` once the peer closed cleanly, or why the channel is broken.
     pub(crate) async fn next<U: DeserializeOwned>(&mut self) -> Result<Incoming<U>, ReadFail> {
         loop {
-            if let Some((nfds, payload)) = self.decoder.next_frame().map_err(ReadFail::Frame)? {
+            if let Some(f) = self.decoder.next_frame().map_err(ReadFail::Frame)? {
                 let msg: Wire<U> =
-                    postcard::from_bytes(payload).map_err(|e| ReadFail::Decode(e.to_string()))?;
-                if self.fds.len() < nfds {
-                    return Err(ReadFail::MissingFds);
-                }
-                let fds = self.fds.drain(..nfds).collect();
-                self.last_len = payload.len();
+                    postcard::from_bytes(f.payload).map_err(|e| ReadFail::Decode(e.to_string()))?;
+                let (announced, opens, len) = (f.fds, f.opens_group, f.payload.len());
+                let (fds, lost) = self.take_fds(announced, opens)?;
+                self.last_len = len;
+                self.last_lost = lost;
                 return Ok(Incoming::Frame(msg, fds));
             }
-            // Every whole frame has taken its descriptors: what is left belongs to the frame
-            // still arriving, which comes with one `sendmsg` and so at most MAX_FDS_PER_FRAME of
-            // them. More is a peer sending descriptors no frame announces; they would pile up
-            // here, so the channel ends (and they close with the reader).
-            if self.fds.len() > MAX_FDS_PER_FRAME {
-                return Err(ReadFail::UnannouncedFds(self.fds.len()));
+            // Every whole frame has taken its descriptors: what is left belongs to frames still
+            // arriving, of one `sendmsg` (at most MAX_FDS_PER_FRAME descriptors). More is a peer
+            // sending descriptors no frame announces; they would pile up here, so the channel
+            // ends (and they close with the reader).
+            let pending: usize = self.arrived.iter().map(|g| g.fds.len()).sum();
+            if self.arrived.len() > 1 || pending + self.current.fds.len() > MAX_FDS_PER_FRAME {
+                return Err(ReadFail::UnannouncedFds(pending + self.current.fds.len()));
             }
             if self.eof {
                 self.decoder.finish().map_err(ReadFail::Frame)?;
@@ -829,19 +867,50 @@ impl Reader {
             }
             let stream = &self.stream;
             let decoder = &mut self.decoder;
-            let fds = &mut self.fds;
-            let n = stream
+            let got = stream
                 .async_io(Interest::READABLE, || {
-                    sys::recv_with_fds(stream.as_fd(), decoder.spare(), fds)
+                    sys::recv_with_fds(stream.as_fd(), decoder.spare())
                 })
                 .await;
-            match n {
-                Ok(0) => self.eof = true,
-                Ok(n) => self.decoder.filled(n),
+            match got {
+                Ok(r) => {
+                    if !r.fds.is_empty() || r.truncated {
+                        self.arrived.push_back(Group {
+                            fds: r.fds.into(),
+                            truncated: r.truncated,
+                        });
+                    }
+                    match r.bytes {
+                        0 => self.eof = true,
+                        n => self.decoder.filled(n),
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.eof = true,
                 Err(e) => return Err(ReadFail::Io(e)),
             }
         }
+    }
+
+    /// The descriptors of a frame that announces `n`: from the next group when it opens one,
+    /// else from the current one. Returns them with the count the kernel dropped, which only
+    /// a truncated group may be short of.
+    fn take_fds(&mut self, n: usize, opens: bool) -> Result<(Vec<OwnedFd>, usize), ReadFail> {
+        if opens {
+            let left = self.current.fds.len();
+            if left > 0 {
+                return Err(ReadFail::UnannouncedFds(left));
+            }
+            self.current = self.arrived.pop_front().ok_or(ReadFail::MissingFds)?;
+        }
+        if n == 0 {
+            return Ok((Vec::new(), 0));
+        }
+        let have = self.current.fds.len().min(n);
+        let lost = n - have;
+        if lost > 0 && !self.current.truncated {
+            return Err(ReadFail::MissingFds);
+        }
+        Ok((self.current.fds.drain(..have).collect(), lost))
     }
 }
 
@@ -857,7 +926,7 @@ mod tests {
     use super::*;
 
     fn accepted(out: &Outbox, server: u32) {
-        out.send_counted(server, |n| {
+        out.send_counted(Counted::Accepted(server), |n| {
             Wire::<()>::Control(Control::Accepted { server, n })
         })
         .unwrap();
@@ -1027,7 +1096,7 @@ mod tests {
             let mut d = crate::frame::Decoder::new(1 << 20);
             let mut next = 0u32;
             loop {
-                while let Some((_, payload)) = d.next_frame().unwrap() {
+                while let Some(frame::Frame { payload, .. }) = d.next_frame().unwrap() {
                     let Wire::User { msg, .. } =
                         postcard::from_bytes::<Wire<Vec<u8>>>(payload).unwrap()
                     else {
@@ -1248,9 +1317,46 @@ mod tests {
     #[tokio::test]
     async fn garbage_is_an_error_not_a_panic() {
         let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.write_all(&[3, 0, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
+        a.write_all(&[3, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
         drop(a);
         let mut r = Reader::new(into_stream(b.into()).unwrap(), 64);
         assert!(matches!(r.next::<u32>().await, Err(ReadFail::Decode(_))));
+    }
+
+    #[test]
+    fn a_truncated_group_loses_its_last_descriptors_and_the_next_group_is_intact() {
+        let (_a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let mut r = Reader::new(into_stream(b.into()).unwrap(), 64);
+        let null = || std::fs::File::open("/dev/null").unwrap().into();
+        // One `sendmsg` of three one-descriptor frames, of which the kernel installed two; then
+        // one of a single frame that arrived whole.
+        r.arrived.push_back(Group {
+            fds: VecDeque::from([null(), null()]),
+            truncated: true,
+        });
+        r.arrived.push_back(Group {
+            fds: VecDeque::from([null()]),
+            truncated: false,
+        });
+        let mut got = vec![];
+        for opens in [true, false, false, true] {
+            let (fds, lost) = r.take_fds(1, opens).unwrap();
+            got.push((fds.len(), lost));
+        }
+        assert_eq!(got, [(1, 0), (1, 0), (0, 1), (1, 0)]);
+        // A whole group that falls short is the peer's lie, not the kernel's doing.
+        assert!(matches!(r.take_fds(1, false), Err(ReadFail::MissingFds)));
+        // A group opened while the last still holds descriptors: those were never announced.
+        r.arrived.push_back(Group::default());
+        r.current.fds.push_back(null());
+        assert!(matches!(
+            r.take_fds(1, true),
+            Err(ReadFail::UnannouncedFds(1))
+        ));
     }
 }

@@ -1,14 +1,19 @@
 //! Length-prefixed frames: the byte layer of the channel.
 //!
-//! A frame is a 5-byte header (payload length as `u32` little endian, then the number of file
-//! descriptors that travel with it) followed by a postcard payload. Descriptors arrive as
-//! `SCM_RIGHTS` data with or before the first byte of their frame, so the reader keeps them in a
-//! FIFO and each frame takes its own count from the front.
+//! A frame is a 6-byte header (payload length as `u32` little endian, the number of file
+//! descriptors that travel with it, flags) followed by a postcard payload. Descriptors arrive
+//! as `SCM_RIGHTS` data with the first byte of the `sendmsg` that carries them, so with or
+//! before the first byte of their frame. The first frame of a `sendmsg` that announces
+//! descriptors carries [`OPENS_GROUP`]: the reader then knows which frames share the
+//! descriptors of one `recvmsg`, and when the kernel could not install all of them (the
+//! receiver is at its descriptor limit, `MSG_CTRUNC`) it knows exactly which frames lost theirs.
 
 use std::fmt;
 
 /// Bytes in a frame header.
-pub const HEADER_LEN: usize = 5;
+pub const HEADER_LEN: usize = 6;
+/// Header flag: the first frame of a `sendmsg` that announces descriptors.
+pub const OPENS_GROUP: u8 = 1;
 /// Most descriptors one frame (and one `sendmsg`) may carry: the kernel's `SCM_MAX_FD`.
 pub const MAX_FDS_PER_FRAME: usize = 253;
 /// Default limit on a frame's payload: 16 MiB.
@@ -26,6 +31,8 @@ pub enum FrameError {
     },
     /// The header announces more descriptors than a frame may carry.
     TooManyFds(usize),
+    /// The header has flags this build does not know.
+    UnknownFlags(u8),
     /// The stream ended inside a frame.
     Truncated {
         /// Bytes of the unfinished frame that had arrived.
@@ -43,6 +50,9 @@ impl fmt::Display for FrameError {
                 f,
                 "frame announces {n} file descriptors; at most {MAX_FDS_PER_FRAME} are allowed"
             ),
+            FrameError::UnknownFlags(bits) => {
+                write!(f, "frame header has unknown flags {bits:#04x}")
+            }
             FrameError::Truncated { have } => {
                 write!(
                     f,
@@ -55,11 +65,29 @@ impl fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
-/// Appends a frame header for `len` payload bytes and `nfds` descriptors.
+/// Appends a frame header for `len` payload bytes and `nfds` descriptors, without flags.
 pub fn put_header(buf: &mut Vec<u8>, len: usize, nfds: usize) {
     debug_assert!(nfds <= MAX_FDS_PER_FRAME);
     buf.extend_from_slice(&(len as u32).to_le_bytes());
     buf.push(nfds as u8);
+    buf.push(0);
+}
+
+/// Marks the frame whose header starts at `at` as the first of its `sendmsg` to announce
+/// descriptors ([`OPENS_GROUP`]).
+pub fn mark_opens_group(buf: &mut [u8], at: usize) {
+    buf[at + 5] |= OPENS_GROUP;
+}
+
+/// One frame, as [`Decoder::next_frame`] returns it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// Descriptors announced.
+    pub fds: usize,
+    /// Whether it is the first frame of its `sendmsg` to announce descriptors.
+    pub opens_group: bool,
+    /// The postcard payload.
+    pub payload: &'a [u8],
 }
 
 /// Rewrites the length of the header that starts at `at`.
@@ -188,12 +216,16 @@ impl Decoder {
         have >= HEADER_LEN && {
             let len = self.peek_len();
             let nfds = self.buf[self.start + 4] as usize;
-            len > self.max_frame || nfds > MAX_FDS_PER_FRAME || have >= HEADER_LEN + len
+            let flags = self.buf[self.start + 5];
+            len > self.max_frame
+                || nfds > MAX_FDS_PER_FRAME
+                || flags & !OPENS_GROUP != 0
+                || have >= HEADER_LEN + len
         }
     }
 
-    /// The next whole frame, as `(descriptor count, payload)`, or `None` until more bytes arrive.
-    pub fn next_frame(&mut self) -> Result<Option<(usize, &[u8])>, FrameError> {
+    /// The next whole frame, or `None` until more bytes arrive.
+    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, FrameError> {
         let have = self.end - self.start;
         if have < HEADER_LEN {
             return Ok(None);
@@ -209,12 +241,20 @@ impl Decoder {
         if nfds > MAX_FDS_PER_FRAME {
             return Err(FrameError::TooManyFds(nfds));
         }
+        let flags = self.buf[self.start + 5];
+        if flags & !OPENS_GROUP != 0 {
+            return Err(FrameError::UnknownFlags(flags));
+        }
         if have < HEADER_LEN + len {
             return Ok(None);
         }
         let from = self.start + HEADER_LEN;
         self.start = from + len;
-        Ok(Some((nfds, &self.buf[from..from + len])))
+        Ok(Some(Frame {
+            fds: nfds,
+            opens_group: flags & OPENS_GROUP != 0,
+            payload: &self.buf[from..from + len],
+        }))
     }
 
     /// Checks, at end of stream, that no frame was cut off.
@@ -259,9 +299,9 @@ mod tests {
                 // `has_frame` predicts exactly whether `next_frame` returns without a read.
                 let has = d.has_frame();
                 match d.next_frame() {
-                    Ok(Some((nfds, p))) => {
+                    Ok(Some(f)) => {
                         assert!(has);
-                        out.push((nfds, p.to_vec()));
+                        out.push((f.fds, f.payload.to_vec()));
                     }
                     Ok(None) => {
                         assert!(!has);
@@ -320,10 +360,31 @@ mod tests {
     #[test]
     fn a_header_with_too_many_descriptors_is_a_frame_to_report_before_its_payload() {
         // A small length, 255 descriptors, and only part of the payload here.
-        let bytes = [10, 0, 0, 0, 255, 1, 2];
+        let bytes = [10, 0, 0, 0, 255, 0, 1, 2];
         let mut d = Decoder::new(1024);
         let r = feed(&mut d, &bytes, bytes.len());
         assert!(matches!(r, Err(FrameError::TooManyFds(255))), "{r:?}");
+        let bytes = [10, 0, 0, 0, 1, 0x82, 1, 2];
+        let mut d = Decoder::new(1024);
+        let r = feed(&mut d, &bytes, bytes.len());
+        assert!(matches!(r, Err(FrameError::UnknownFlags(0x82))), "{r:?}");
+    }
+
+    #[test]
+    fn the_group_flag_travels_with_its_frame() {
+        let mut stream = frame(b"a", 0);
+        let at = stream.len();
+        stream.extend(frame(b"b", 2));
+        mark_opens_group(&mut stream, at);
+        stream.extend(frame(b"c", 1));
+        let mut d = Decoder::new(64);
+        d.spare()[..stream.len()].copy_from_slice(&stream);
+        d.filled(stream.len());
+        let mut flags = vec![];
+        while let Some(f) = d.next_frame().unwrap() {
+            flags.push((f.fds, f.opens_group));
+        }
+        assert_eq!(flags, [(0, false), (2, true), (1, false)]);
     }
 
     proptest! {

@@ -43,6 +43,7 @@ pub mod http;
 mod message;
 pub mod net;
 mod primary;
+mod room;
 mod run;
 mod signal;
 mod socket;
@@ -104,6 +105,6 @@ pub mod __private {
 
     /// The frame codec, for the benchmarks.
     pub mod frame {
-        pub use crate::frame::{DEFAULT_MAX_FRAME, Decoder, encode, put_header};
+        pub use crate::frame::{DEFAULT_MAX_FRAME, Decoder, Frame, encode, put_header};
     }
 }

@@ -1,12 +1,10 @@
 //! The crate's only `unsafe` code: descriptor passing, the worker's side of process start-up and
 //! the environment edit made before any thread exists. Each block says why it is sound.
 
-use std::collections::VecDeque;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::cmsg_space;
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 use crate::frame::MAX_FDS_PER_FRAME;
 
@@ -38,45 +36,85 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> io::R
     n.map_err(io::Error::from)
 }
 
-/// Reads into `buf`; descriptors that arrive are appended to `fds`. `Ok(0)` is end of stream.
-pub fn recv_with_fds(
-    sock: BorrowedFd<'_>,
-    buf: &mut [u8],
-    fds: &mut VecDeque<OwnedFd>,
-) -> io::Result<usize> {
-    let mut cmsg = cmsg_space!([RawFd; MAX_FDS_PER_FRAME]);
-    let mut iov = [IoSliceMut::new(buf)];
+/// What one [`recv_with_fds`] read.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes read; 0 is end of stream.
+    pub bytes: usize,
+    /// Descriptors that came with them: at most one `sendmsg`'s, installed in our table.
+    pub fds: Vec<OwnedFd>,
+    /// The kernel dropped some of that `sendmsg`'s descriptors (`MSG_CTRUNC`): we are at our
+    /// descriptor limit. `fds` holds the ones it installed, the first of those sent.
+    pub truncated: bool,
+}
+
+/// Room for the control data of one `sendmsg` of ours: `CMSG_SPACE` of
+/// [`MAX_FDS_PER_FRAME`] descriptors (16 + 1012 rounded up to 8 on 64-bit Linux), as `u64`s so
+/// it is aligned for `cmsghdr`.
+const CMSG_WORDS: usize = (16 + MAX_FDS_PER_FRAME * 4).div_ceil(8) + 2;
+
+/// Reads into `buf`, with the descriptors that arrive. A read that the kernel had to
+/// truncate is not an error: the descriptors it did install are returned (not leaked), and
+/// [`Received::truncated`] says some are missing.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    use nix::libc;
+    let mut cmsg = [0u64; CMSG_WORDS];
+    let space = std::mem::size_of_val(&cmsg);
+    // SAFETY: CMSG_SPACE only computes a length.
+    debug_assert!(unsafe { libc::CMSG_SPACE((MAX_FDS_PER_FRAME * 4) as u32) } as usize <= space);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid "no name, no iovec, no control" header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
     #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let flags = libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-    let flags = MsgFlags::MSG_DONTWAIT;
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags)
-        .map_err(io::Error::from)?;
-    let n = msg.bytes;
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
-                // SAFETY: the kernel has just installed `fd` in our table for this message; no
-                // other code knows the number, so this is its one owner.
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                // Without MSG_CMSG_CLOEXEC the flag is set right after (no fork happens here).
-                #[cfg(not(any(
-                    target_os = "linux",
-                    target_os = "android",
-                    target_os = "freebsd"
-                )))]
-                set_cloexec_nonblock(&fd, false);
-                fds.push_back(fd);
+    let flags = libc::MSG_DONTWAIT;
+    // SAFETY: `msg` points at `iov` (which points at `buf`) and at `cmsg`, all alive and
+    // exclusively borrowed for the call, with their true lengths.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `msg_control`/`msg_controllen` with well-formed headers, also
+    // when it set MSG_CTRUNC (it then reports only the descriptors it installed); the CMSG
+    // macros walk them within `msg_controllen`, and the data is read unaligned.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.add(i));
+                    // The kernel has just installed `fd` in our table for this message; no
+                    // other code knows the number, so this is its one owner.
+                    let fd = OwnedFd::from_raw_fd(fd);
+                    // Without MSG_CMSG_CLOEXEC the flag is set right after (no fork happens here).
+                    #[cfg(not(any(
+                        target_os = "linux",
+                        target_os = "android",
+                        target_os = "freebsd"
+                    )))]
+                    set_cloexec_nonblock(&fd, false);
+                    fds.push(fd);
+                }
             }
+            c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    if truncated {
-        return Err(io::Error::other(
-            "file descriptors were lost in transit (control data truncated)",
-        ));
-    }
-    Ok(n)
+    Ok(Received {
+        bytes: n as usize,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
 }
 
 /// Runs in the child between `fork` and `exec`, after [`child_setup`]: becomes `uid` with group

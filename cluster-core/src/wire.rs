@@ -102,6 +102,20 @@ pub enum Control {
         /// How many.
         n: u32,
     },
+    /// Worker -> primary: `n` more connections of `server` did not reach me (the kernel dropped
+    /// them: I am at my descriptor limit). In stream order with `Accepted`: they are the next
+    /// `n` the primary handed me; it gives them to another worker.
+    Lost {
+        /// The primary's server id.
+        server: u32,
+        /// How many.
+        n: u32,
+    },
+    /// Worker -> primary: I am close to my descriptor limit; hand me no connections until
+    /// `Room`.
+    Full,
+    /// Worker -> primary: I have room for connections again.
+    Room,
     /// Worker -> primary: a server of mine is listening.
     Listening {
         /// Its address.
@@ -137,6 +151,9 @@ impl Control {
             self,
             Control::Conn { .. }
                 | Control::Accepted { .. }
+                | Control::Lost { .. }
+                | Control::Full
+                | Control::Room
                 | Control::Ping(_)
                 | Control::Pong(_)
                 | Control::ServerReply { .. }

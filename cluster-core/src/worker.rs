@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
-use crate::channel::{self, Incoming, Outbox, Reader};
+use crate::channel::{self, Counted, Incoming, Outbox, Reader};
 use crate::error::Error;
 use crate::message::{Message, pair_fingerprint};
+use crate::room::Room;
 use crate::wire::VERSION;
 use crate::wire::{BindAddr, Control, Grant, Wire};
 
@@ -35,6 +36,18 @@ pub(crate) struct Link {
     pub(crate) handoffs: Handoffs,
     /// Open listeners per address, for Node's per-worker listen index.
     pub(crate) indexes: Mutex<HashMap<BindAddr, Vec<u32>>>,
+    /// Room for more descriptors: the primary hands over no connection while there is none.
+    room: Arc<Room>,
+}
+
+/// An entry of a round-robin server's hand-off queue, in the order the primary sent them.
+#[derive(Debug)]
+pub(crate) enum Handed {
+    Conn(OwnedFd),
+    /// A connection whose descriptor the kernel dropped (we are at our descriptor limit): the
+    /// listener tells the primary, in order with its acknowledgements, and it hands the
+    /// connection to another worker.
+    Lost,
 }
 
 /// The connections the primary hands this worker for its round-robin servers: one queue per
@@ -45,9 +58,9 @@ pub(crate) struct Link {
 pub(crate) struct Handoffs(Mutex<HashMap<u32, Handoff>>);
 
 struct Handoff {
-    tx: mpsc::UnboundedSender<OwnedFd>,
+    tx: mpsc::UnboundedSender<Handed>,
     /// Until the listener takes it.
-    rx: Option<mpsc::UnboundedReceiver<OwnedFd>>,
+    rx: Option<mpsc::UnboundedReceiver<Handed>>,
 }
 
 impl Handoffs {
@@ -64,14 +77,14 @@ impl Handoffs {
     /// A connection for `server`. With no listener any more, it is dropped: the primary hands
     /// it to another worker when our `CloseServer` reaches it, so dropping our copy loses
     /// nothing.
-    fn deliver(&self, server: u32, fd: OwnedFd) {
+    fn deliver(&self, server: u32, conn: Handed) {
         if let Some(h) = self.lock().get(&server) {
-            let _ = h.tx.send(fd);
+            let _ = h.tx.send(conn);
         }
     }
 
     /// The listener of `server` takes its queue (a fresh one if the grant was not seen).
-    pub(crate) fn take(&self, server: u32) -> mpsc::UnboundedReceiver<OwnedFd> {
+    pub(crate) fn take(&self, server: u32) -> mpsc::UnboundedReceiver<Handed> {
         let mut map = self.lock();
         if let Some(rx) = map.get_mut(&server).and_then(|h| h.rx.take()) {
             return rx;
@@ -107,8 +120,15 @@ impl Link {
     /// Acknowledges one connection of round-robin server `server`: the primary may let go of
     /// its copy. Acknowledgements queued back to back merge into one frame.
     pub(crate) fn accepted(&self, server: u32) {
-        let _ = self.outbox.send_counted(server, |n| {
+        let _ = self.outbox.send_counted(Counted::Accepted(server), |n| {
             Wire::<()>::Control(Control::Accepted { server, n })
+        });
+    }
+
+    /// Tells the primary that the next connection of `server` it handed over did not arrive.
+    pub(crate) fn lost(&self, server: u32) {
+        let _ = self.outbox.send_counted(Counted::Lost(server), |n| {
+            Wire::<()>::Control(Control::Lost { server, n })
         });
     }
 
@@ -241,6 +261,7 @@ impl<P: Message, W: Message> Worker<P, W> {
             queries: Mutex::new(HashMap::new()),
             handoffs: Handoffs::default(),
             indexes: Mutex::new(HashMap::new()),
+            room: Arc::new(Room::new()),
         });
         let _ = LINK.set(link.clone());
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
@@ -428,7 +449,15 @@ async fn read_primary<W: Message>(
                     }
                     link.begin_disconnect(false);
                 }
-                Control::ServerReply { req, result } => {
+                Control::ServerReply { req, mut result } => {
+                    if reader.last_lost() > 0 {
+                        result = Err((
+                            nix::libc::EMFILE,
+                            "the listening socket did not arrive: this worker is at its \
+                             descriptor limit"
+                                .to_owned(),
+                        ));
+                    }
                     // Register the handoff queue now, in stream order: `Conn` frames for this
                     // server may come right behind the grant, before the listener's task runs.
                     if let Ok((Grant::RoundRobin { server }, _)) = &result {
@@ -443,17 +472,30 @@ async fn read_primary<W: Message>(
                         let _ = tx.send((result, fds));
                     }
                 }
-                Control::Conn { server } => {
-                    if let Some(fd) = fds.into_iter().next() {
-                        link.handoffs.deliver(server, fd);
+                Control::Conn { server } => match fds.into_iter().next() {
+                    Some(fd) => {
+                        link.room
+                            .received(std::os::fd::AsRawFd::as_raw_fd(&fd), &link.outbox);
+                        link.handoffs.deliver(server, Handed::Conn(fd));
                     }
-                }
+                    None if reader.last_lost() > 0 => {
+                        link.room.exhausted(&link.outbox);
+                        link.handoffs.deliver(server, Handed::Lost);
+                    }
+                    None => {}
+                },
                 Control::Ping(n) => {
                     link.control(Control::Pong(n), vec![]);
                 }
                 _ => {}
             },
             Ok(Incoming::Frame(Wire::User { msg, handle }, fds)) => {
+                if reader.last_lost() > 0 {
+                    tracing::error!(
+                        "a message from the primary lost its descriptor: this worker is at its \
+                         descriptor limit"
+                    );
+                }
                 if let Some(tx) = &inbox {
                     let fd = if handle { fds.into_iter().next() } else { None };
                     // A worker whose handles are all dropped reads no more: its messages are

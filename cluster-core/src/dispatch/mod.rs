@@ -121,18 +121,43 @@ impl Servers {
                 return granted;
             }
             Control::Accepted { server, n } => {
-                let rr = self.lock().keys.values().find_map(|k| match &k.kind {
-                    KeyKind::RoundRobin(rr) if rr.id == server => Some(rr.clone()),
-                    _ => None,
-                });
-                if let Some(rr) = rr {
+                if let Some(rr) = self.round_robin(server) {
                     rr.accepted(id, n as usize);
                 }
             }
+            Control::Lost { server, n } => {
+                if let Some(rr) = self.round_robin(server) {
+                    rr.lost(id, n as usize);
+                }
+            }
+            Control::Full => self.each_round_robin(|rr| rr.pause(id)),
+            Control::Room => self.each_round_robin(|rr| rr.resume(id)),
             Control::CloseServer { addr, index } => self.leave(id, &(addr, index)),
             _ => {}
         }
         false
+    }
+
+    fn round_robin(&self, server: u32) -> Option<Arc<RoundRobin>> {
+        self.lock().keys.values().find_map(|k| match &k.kind {
+            KeyKind::RoundRobin(rr) if rr.id == server => Some(rr.clone()),
+            _ => None,
+        })
+    }
+
+    fn each_round_robin(&self, f: impl Fn(&RoundRobin)) {
+        let all: Vec<Arc<RoundRobin>> = self
+            .lock()
+            .keys
+            .values()
+            .filter_map(|k| match &k.kind {
+                KeyKind::RoundRobin(rr) => Some(rr.clone()),
+                _ => None,
+            })
+            .collect();
+        for rr in all {
+            f(&rr);
+        }
     }
 
     fn query(

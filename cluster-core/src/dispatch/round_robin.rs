@@ -21,13 +21,24 @@ pub(super) struct RoundRobin {
     pub(super) id: u32,
     st: Mutex<RrState>,
     stop: tokio::sync::Notify,
+    /// Woken when the backlog has room again (see [`BACKLOG`]).
+    room: tokio::sync::Notify,
     /// A second descriptor of the listening socket, to stop it listening at once on close.
     listener: Mutex<Option<OwnedFd>>,
 }
 
+/// Most connections one worker may hold unacknowledged: beyond it the worker is skipped (its
+/// listener is not taking them), so the primary's copies stay bounded too.
+const WINDOW: usize = 256;
+/// Most connections kept waiting when no worker can take one; the accept loop waits while it
+/// is full, and what the kernel queues meanwhile stays in the listen backlog.
+const BACKLOG: usize = 1024;
+
 #[derive(Default)]
 struct RrState {
     members: Vec<(u32, Arc<Outbox>)>,
+    /// Members that said they are close to their descriptor limit (`Full`), until `Room`.
+    full: Vec<u32>,
     next: usize,
     /// Connections sent to each worker and not yet acknowledged, oldest first. The outbox
     /// shares each descriptor until it has been sent: no copy is made, and the connection
@@ -44,6 +55,7 @@ impl RoundRobin {
             id,
             st: Mutex::new(RrState::default()),
             stop: tokio::sync::Notify::new(),
+            room: tokio::sync::Notify::new(),
             listener: Mutex::new(listener.try_clone().ok()),
         });
         let afd = sys::async_listener(listener)?;
@@ -61,6 +73,20 @@ impl RoundRobin {
         let stop = self.stop.notified();
         tokio::pin!(stop);
         loop {
+            // No worker can take a connection and many wait: leave the next ones in the
+            // kernel's queue (clients wait there) until one can.
+            loop {
+                let room = self.room.notified();
+                tokio::pin!(room);
+                room.as_mut().enable();
+                if self.lock().backlog.len() < BACKLOG {
+                    break;
+                }
+                tokio::select! {
+                    _ = room => {}
+                    _ = &mut stop => return,
+                }
+            }
             let mut guard = tokio::select! {
                 g = afd.readable() => match g { Ok(g) => g, Err(_) => return },
                 _ = &mut stop => return,
@@ -114,8 +140,54 @@ impl RoundRobin {
             st.members.push((id, outbox));
         }
         // Connections that waited for a listener go out now.
+        self.flush_backlog(&mut st);
+    }
+
+    /// Gives waiting connections to whoever can take them now.
+    fn flush_backlog(&self, st: &mut RrState) {
+        if st.backlog.is_empty() {
+            return;
+        }
         let waiting: Vec<Arc<OwnedFd>> = st.backlog.drain(..).collect();
         for conn in waiting {
+            st.give(self.id, conn);
+        }
+        if st.backlog.len() < BACKLOG {
+            self.room.notify_one();
+        }
+    }
+
+    /// Worker `id` is close to its descriptor limit: it gets no connection until [`resume`].
+    ///
+    /// [`resume`]: Self::resume
+    pub(super) fn pause(&self, id: u32) {
+        let mut st = self.lock();
+        if !st.full.contains(&id) {
+            st.full.push(id);
+        }
+    }
+
+    /// Worker `id` has room again.
+    pub(super) fn resume(&self, id: u32) {
+        let mut st = self.lock();
+        st.full.retain(|m| *m != id);
+        self.flush_backlog(&mut st);
+    }
+
+    /// The next `n` connections handed to worker `id` did not reach it (it is at its
+    /// descriptor limit): they go to the others, and it gets none until it has room.
+    pub(super) fn lost(&self, id: u32, n: usize) {
+        let mut st = self.lock();
+        if !st.full.contains(&id) {
+            st.full.push(id);
+        }
+        let mut lost = Vec::new();
+        if let Some(q) = st.inflight.get_mut(&id) {
+            for _ in 0..n.min(q.len()) {
+                lost.extend(q.pop_front());
+            }
+        }
+        for conn in lost {
             st.give(self.id, conn);
         }
     }
@@ -125,6 +197,7 @@ impl RoundRobin {
     pub(super) fn leave(&self, id: u32) -> bool {
         let mut st = self.lock();
         st.members.retain(|(m, _)| *m != id);
+        st.full.retain(|m| *m != id);
         let orphans = st.inflight.remove(&id).unwrap_or_default();
         for conn in orphans {
             st.give(self.id, conn);
@@ -143,6 +216,8 @@ impl RoundRobin {
                 q.pop_front();
             }
         }
+        // Room in its window: waiting connections may go now.
+        self.flush_backlog(&mut st);
     }
 
     pub(super) fn stop(&self) {
@@ -185,6 +260,10 @@ impl RrState {
             let i = self.next % n;
             self.next = self.next.wrapping_add(1);
             let (id, outbox) = &self.members[i];
+            let held = self.inflight.get(id).map_or(0, VecDeque::len);
+            if held >= WINDOW || self.full.contains(id) {
+                continue;
+            }
             if outbox
                 .send_shared(&Wire::<()>::Control(Control::Conn { server }), conn.clone())
                 .is_ok()
@@ -193,6 +272,8 @@ impl RrState {
                 return;
             }
         }
+        // Past BACKLOG only by what one accept batch and the re-given orphans add; the
+        // accept loop waits before taking more.
         self.backlog.push_back(conn);
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::{OwnedMutexGuard, mpsc, watch};
 
 use super::{Registration, closed, is_nonblocking};
 use crate::socket;
+use crate::worker::Handed;
 
 /// Out of descriptors, an accept waits this long before it tries again, doubling up to
 /// [`MAX_PAUSE`] (as the primary's accept loop does), instead of spinning on `EMFILE`: the
@@ -25,7 +26,7 @@ fn warn_exhausted(e: &io::Error, pause: Duration) {
     tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept: out of descriptors; waiting");
 }
 
-pub(super) type HandoffQueue = mpsc::UnboundedReceiver<OwnedFd>;
+pub(super) type HandoffQueue = mpsc::UnboundedReceiver<Handed>;
 
 /// Connections handed over by the primary (round-robin), with the acknowledgement it needs.
 #[derive(Debug)]
@@ -144,6 +145,14 @@ impl<L: OsListener> Acceptor<L> {
         Accepted::Handed(fd)
     }
 
+    /// Tells the primary that a connection it handed over did not arrive, in order with the
+    /// acknowledgements, so it knows which one to hand to another worker.
+    fn report_lost(&self, h: &Handoff) {
+        if let Some(reg) = &self.reg {
+            reg.link.lost(h.server);
+        }
+    }
+
     /// The next connection, or `None` once the worker is disconnecting.
     pub(super) async fn next(&self) -> Option<io::Result<Accepted<L>>> {
         let fut = async {
@@ -162,8 +171,13 @@ impl<L: OsListener> Acceptor<L> {
                     }
                 }
                 Source::Handoff(h) => {
-                    let fd = h.rx.lock().await.recv().await.ok_or_else(closed)?;
-                    Ok(self.acknowledge(h, fd))
+                    let mut rx = h.rx.lock().await;
+                    loop {
+                        match rx.recv().await.ok_or_else(closed)? {
+                            Handed::Conn(fd) => break Ok(self.acknowledge(h, fd)),
+                            Handed::Lost => self.report_lost(h),
+                        }
+                    }
                 }
             }
         };
@@ -239,11 +253,16 @@ impl<L: OsListener> Acceptor<L> {
                 }
             },
         };
-        match rx.poll_recv(cx) {
-            Poll::Ready(Some(fd)) => Poll::Ready(Some(Ok(self.acknowledge(h, fd)))),
-            // The link is gone: the worker is disconnecting.
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+        loop {
+            match rx.poll_recv(cx) {
+                Poll::Ready(Some(Handed::Conn(fd))) => {
+                    return Poll::Ready(Some(Ok(self.acknowledge(h, fd))));
+                }
+                Poll::Ready(Some(Handed::Lost)) => self.report_lost(h),
+                // The link is gone: the worker is disconnecting.
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }

@@ -147,6 +147,18 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
                 }
                 Incoming::Frame(Wire::User { msg, handle }, fds) => {
                     w.shared.counters.msgs_in.fetch_add(1, Ordering::Relaxed);
+                    if self.reader.last_lost() > 0 {
+                        self.events.emit(Event::Error {
+                            worker: Some(w.clone()),
+                            error: Error::new(
+                                ErrorKind::Io,
+                                format!(
+                                    "the descriptor sent with a message of {who} was lost: the \
+                                     primary is at its descriptor limit"
+                                ),
+                            ),
+                        });
+                    }
                     let handle = if handle { fds.into_iter().next() } else { None };
                     cost += self.reader.last_len() + std::mem::size_of::<Event<P, W>>();
                     batch.push(Event::Message {
