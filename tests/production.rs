@@ -1351,3 +1351,185 @@ fn at_the_descriptor_limit_shared_serves_every_client() {
 fn at_the_descriptor_limit_reuseport_serves_every_client() {
     every_client_is_served_at_the_descriptor_limit("reuseport");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Nothing queued is reset: shutdown and scale-down under a counted load
+
+/// What a client load saw, per request: answered, refused at connect (the port closed or
+/// not taking connections), or failed after the connection was made (reset, or closed
+/// without an answer): the one kind a drain must never cause.
+#[derive(Debug, Default)]
+struct Counts {
+    served: usize,
+    refused: usize,
+    failed: Vec<String>,
+}
+
+/// Four clients asking `port` in a loop, a new connection per request, until `stop`.
+fn load(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Counts> {
+    std::thread::spawn(move || {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut c = Counts::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+                        {
+                            Ok(s) => s,
+                            Err(_) => {
+                                c.refused += 1;
+                                std::thread::sleep(Duration::from_millis(5));
+                                continue;
+                            }
+                        };
+                        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                        let mut out = String::new();
+                        match writeln!(s, "q").and_then(|()| s.read_to_string(&mut out)) {
+                            Ok(_) if out.ends_with(" q\n") => c.served += 1,
+                            Ok(_) => c.failed.push(format!("answer {out:?}")),
+                            Err(e) => c.failed.push(e.to_string()),
+                        }
+                    }
+                    c
+                })
+            })
+            .collect();
+        let mut all = Counts::default();
+        for c in clients {
+            let c = c.join().unwrap();
+            all.served += c.served;
+            all.refused += c.refused;
+            all.failed.extend(c.failed);
+        }
+        all
+    })
+}
+
+/// SIGTERM under load: every connection that was made is answered; after the exit, clients
+/// are refused at connect. (Before, under shared and reuseport, connections the kernel had
+/// queued on the listening sockets were reset when they closed.)
+fn shutdown_under_load_fails_nothing(policy: &str) {
+    let mut f = Fixture::start(2, &[("CLUSTER_SCHED_POLICY", policy)]);
+    f.listening(1);
+    f.listening(2);
+    let port = f.port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(port, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    f.signal(Signal::SIGTERM);
+    assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
+    f.all_workers_gone();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let c = clients.join().unwrap();
+    eprintln!("{policy}: shutdown under load: {c:?}");
+    assert!(c.served > 0, "{policy}: {c:?}");
+    assert!(c.failed.is_empty(), "{policy}: {c:?}");
+}
+
+#[test]
+fn shutdown_under_load_fails_no_request_under_round_robin() {
+    shutdown_under_load_fails_nothing("round-robin");
+}
+
+#[test]
+fn shutdown_under_load_fails_no_request_under_shared() {
+    shutdown_under_load_fails_nothing("shared");
+}
+
+#[test]
+fn shutdown_under_load_fails_no_request_under_reuseport() {
+    shutdown_under_load_fails_nothing("reuseport");
+}
+
+/// Scale 2 → 4 → 2 three times under load: every request is answered, none refused. (Before,
+/// under reuseport, the connections the kernel had queued on a retired slot's socket were
+/// reset when it closed.)
+fn scale_down_under_load_fails_nothing(policy: &str) {
+    let mut f = Fixture::start(2, &[("CLUSTER_SCHED_POLICY", policy)]);
+    f.listening(1);
+    f.listening(2);
+    let port = f.port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(port, stop.clone());
+    let mut next = 3;
+    for _ in 0..3 {
+        for _ in 0..2 {
+            f.signal(Signal::SIGTTIN);
+            f.listening(next);
+            next += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // One at a time: two signals sent together may arrive as one.
+        for _ in 0..2 {
+            f.signal(Signal::SIGTTOU);
+            let exit = f.next("exit ");
+            assert!(exit.ends_with(" 0 ead=Some(true) error=None"), "{exit}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let c = clients.join().unwrap();
+    eprintln!("{policy}: scale-down under load: {c:?}");
+    assert!(c.served > 0, "{policy}: {c:?}");
+    assert!(c.failed.is_empty(), "{policy}: {c:?}");
+    assert_eq!(c.refused, 0, "{policy}: {c:?}");
+    assert!(!f.saw("exit 1 ") && !f.saw("exit 2 "), "the first two stay");
+}
+
+#[test]
+fn scale_down_under_load_fails_no_request_under_round_robin() {
+    scale_down_under_load_fails_nothing("round-robin");
+}
+
+#[test]
+fn scale_down_under_load_fails_no_request_under_shared() {
+    scale_down_under_load_fails_nothing("shared");
+}
+
+#[test]
+fn scale_down_under_load_fails_no_request_under_reuseport() {
+    scale_down_under_load_fails_nothing("reuseport");
+}
+
+/// SIGTERM while a reload replaces the workers, under load: nothing that connected fails.
+fn sigterm_during_reload_under_load_fails_nothing(policy: &str) {
+    let mut f = Fixture::start(2, &[("CLUSTER_SCHED_POLICY", policy)]);
+    f.listening(1);
+    f.listening(2);
+    let port = f.port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(port, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    f.signal(Signal::SIGHUP);
+    f.expect("fork 3 ");
+    f.signal(Signal::SIGTERM);
+    assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
+    f.all_workers_gone();
+    stop.store(true, Ordering::Relaxed);
+    let c = clients.join().unwrap();
+    eprintln!("{policy}: SIGTERM during a reload under load: {c:?}");
+    assert!(c.served > 0, "{policy}: {c:?}");
+    assert!(c.failed.is_empty(), "{policy}: {c:?}");
+    assert!(
+        !f.saw("fork 5 "),
+        "{policy}: the rollout went on after SIGTERM"
+    );
+}
+
+#[test]
+fn sigterm_during_a_reload_under_load_fails_no_request_under_round_robin() {
+    sigterm_during_reload_under_load_fails_nothing("round-robin");
+}
+
+#[test]
+fn sigterm_during_a_reload_under_load_fails_no_request_under_shared() {
+    sigterm_during_reload_under_load_fails_nothing("shared");
+}
+
+#[test]
+fn sigterm_during_a_reload_under_load_fails_no_request_under_reuseport() {
+    sigterm_during_reload_under_load_fails_nothing("reuseport");
+}

@@ -334,3 +334,123 @@ pub fn adopt_listen_fds(n: u32) -> (Vec<OwnedFd>, Option<RawFd>) {
     }
     (fds, None)
 }
+
+/// Makes the listening TCP socket `fd` drop new connection requests (`on`), or take them
+/// again: a classic BPF socket filter that drops segments with SYN set and ACK clear, and
+/// keeps everything else. Handshakes already under way complete and queue as usual, so the
+/// queue can then be accepted empty before the socket closes, and nothing queued on it is
+/// reset. A client whose SYN was dropped sends it again about a second later: by then it
+/// reaches a socket that takes it (another `SO_REUSEPORT` slot, a new primary), or the port
+/// is closed and its connect is refused. A filter needs no privilege.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub fn drop_new_connections(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    use nix::libc;
+    // For a TCP socket the filter sees the segment from its TCP header: byte 13 holds the
+    // flags (0x02 SYN, 0x10 ACK).
+    let program = [
+        // A = flags
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 13,
+        },
+        // A &= SYN | ACK
+        libc::sock_filter {
+            code: (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0x12,
+        },
+        // A == SYN alone: drop; else keep
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: 0x02,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: u32::MAX,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    let unused: libc::c_int = 0;
+    // SAFETY: `prog` and the program it points at live across the call, which copies them;
+    // the option's length is that of `sock_fprog`. Detaching reads no value, but the kernel
+    // wants an `int`'s room for it.
+    let rc = unsafe {
+        if on {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&prog as *const libc::sock_fprog).cast(),
+                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        } else {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_DETACH_FILTER,
+                (&unused as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        // Detaching where none is attached.
+        if !on && e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Elsewhere, new connections keep coming until the socket closes.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub fn drop_new_connections(_fd: BorrowedFd<'_>, _on: bool) -> io::Result<()> {
+    Ok(())
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    #[test]
+    fn a_listener_dropping_new_connections_still_serves_its_queue_and_takes_new_ones_again() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // Queued before: accepted and served as usual.
+        let mut early = std::net::TcpStream::connect(addr).unwrap();
+        drop_new_connections(l.as_fd(), true).unwrap();
+        // A new one waits: its SYN is dropped (no refusal, no connection).
+        let late = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        let e = late.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        let (mut s, _) = l.accept().unwrap();
+        early.write_all(b"ping").unwrap();
+        let mut buf = [0; 4];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        drop_new_connections(l.as_fd(), false).unwrap();
+        drop_new_connections(l.as_fd(), false).unwrap();
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    }
+}

@@ -7,12 +7,13 @@ mod round_robin;
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use crate::channel::Outbox;
 use crate::config::SchedulingPolicy;
 use crate::socket;
+use crate::sys::drop_new_connections;
 use crate::systemd;
 use crate::wire::{BindAddr, Control, Grant, Wire};
 
@@ -38,6 +39,9 @@ struct State {
 struct Key {
     bound: BindAddr,
     kind: KeyKind,
+    /// Its sockets drop new connection requests: everyone serving them is leaving (see
+    /// [`Servers::before_leave`]). A worker that joins takes them again.
+    refusing: bool,
 }
 
 /// A key and the workers that serve it, in one place per policy.
@@ -204,10 +208,20 @@ impl Servers {
                     (bound, KeyKind::ReusePort { sockets, members })
                 }
             };
-            st.keys.insert(key.clone(), Key { bound, kind });
+            st.keys.insert(
+                key.clone(),
+                Key {
+                    bound,
+                    kind,
+                    refusing: false,
+                },
+            );
         }
         let State { keys, slots, .. } = &mut *st;
         let k = keys.get_mut(&key).expect("key inserted above");
+        if std::mem::take(&mut k.refusing) {
+            k.each_socket(|fd| drop_new_connections(fd, false));
+        }
         let bound = k.bound.clone();
         match &mut k.kind {
             KeyKind::RoundRobin(rr) => {
@@ -249,6 +263,52 @@ impl Servers {
         }
     }
 
+    /// Worker `id` is about to be told to leave (a scale-down, `disconnect`). Sockets it would
+    /// leave with nobody to accept on them stop taking new connections first, so that the
+    /// worker can accept what the kernel has queued on them and close them empty; see
+    /// [`sys::drop_new_connections`]. Under `reuseport` that is its slot, unless a replacement
+    /// shares it: the slot's sockets leave the `SO_REUSEPORT` group once the worker closes
+    /// its copies, and the kernel sends new connections to the other slots.
+    pub(crate) fn before_leave(&self, id: u32) {
+        let mut st = self.lock();
+        let State { keys, slots, .. } = &mut *st;
+        let slot = slots.get(id).filter(|s| slots.holders(*s) == 1);
+        for k in keys.values_mut() {
+            match &mut k.kind {
+                KeyKind::Shared { members, .. } if members == &[id] => k.refuse(),
+                KeyKind::ReusePort { sockets, members } if members.contains(&id) => {
+                    if let Some(fd) = slot.and_then(|s| sockets.remove(&s)) {
+                        if is_tcp(&k.bound) {
+                            let _ = drop_new_connections(fd.as_fd(), true);
+                        }
+                    }
+                }
+                KeyKind::RoundRobin(rr) if rr.members() == [id] => k.refuse(),
+                _ => {}
+            }
+        }
+    }
+
+    /// Every worker is about to leave (a shutdown, `disconnect()`): no socket takes new
+    /// connections any more, and the workers accept what is queued before they close them.
+    /// Under `reuseport` the primary lets go of its copies of the slots' sockets now.
+    ///
+    /// Returns how long to wait before the workers are told to leave when a round-robin key
+    /// has connections to hand over still: what the kernel queued before the refusal.
+    pub(crate) fn before_close(&self) -> Option<std::time::Duration> {
+        let mut st = self.lock();
+        let mut settle = None;
+        for k in st.keys.values_mut() {
+            k.refuse();
+            match &mut k.kind {
+                KeyKind::ReusePort { sockets, .. } => sockets.clear(),
+                KeyKind::RoundRobin(_) => settle = Some(round_robin::SETTLE),
+                KeyKind::Shared { .. } => {}
+            }
+        }
+        settle
+    }
+
     /// Worker `new` replaces `old` (a reload): under `reuseport` it takes the same slot, and
     /// both accept from the slot's socket until `old` leaves.
     pub(crate) fn inherit_slot(&self, new: u32, old: u32) {
@@ -286,6 +346,34 @@ impl Servers {
             });
         }
     }
+}
+
+impl Key {
+    /// Stops its TCP sockets taking new connections (not one systemd handed over: systemd keeps
+    /// it open, with its queue, for the next start, and it must take connections then).
+    fn refuse(&mut self) {
+        if self.refusing || !is_tcp(&self.bound) {
+            return;
+        }
+        self.refusing = true;
+        self.each_socket(|fd| drop_new_connections(fd, true));
+    }
+
+    fn each_socket(&self, f: impl Fn(BorrowedFd<'_>) -> io::Result<()>) {
+        let res = match &self.kind {
+            KeyKind::RoundRobin(rr) => rr.with_listener(&f),
+            KeyKind::Shared { fd, .. } if !systemd::is_inherited(fd) => f(fd.as_fd()),
+            KeyKind::Shared { .. } => Ok(()),
+            KeyKind::ReusePort { sockets, .. } => sockets.values().try_for_each(|fd| f(fd.as_fd())),
+        };
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "cannot change whether a listening socket takes connections");
+        }
+    }
+}
+
+fn is_tcp(addr: &BindAddr) -> bool {
+    matches!(addr, BindAddr::Tcp(_))
 }
 
 /// A socket for `addr`: under systemd socket activation, the one the primary was handed.

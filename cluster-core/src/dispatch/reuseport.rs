@@ -26,6 +26,16 @@ impl Slots {
         s
     }
 
+    /// Worker `id`'s slot, if it has one.
+    pub(super) fn get(&self, id: u32) -> Option<usize> {
+        self.0.get(&id).copied()
+    }
+
+    /// How many workers hold `slot`.
+    pub(super) fn holders(&self, slot: usize) -> usize {
+        self.0.values().filter(|s| **s == slot).count()
+    }
+
     /// Worker `new` shares `old`'s slot.
     pub(super) fn inherit(&mut self, new: u32, old: u32) {
         if let Some(slot) = self.0.get(&old).copied() {

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +26,10 @@ pub(super) struct RoundRobin {
     /// A second descriptor of the listening socket, to stop it listening at once on close.
     listener: Mutex<Option<OwnedFd>>,
 }
+
+/// At a shutdown, how long the workers keep taking connections after the listening socket
+/// stopped taking new ones: the primary accepts what was queued and hands it out meanwhile.
+pub(super) const SETTLE: Duration = Duration::from_millis(50);
 
 /// Most connections one worker may hold unacknowledged: beyond it the worker is skipped (its
 /// listener is not taking them), so the primary's copies stay bounded too.
@@ -203,6 +207,23 @@ impl RoundRobin {
             st.give(self.id, conn);
         }
         !st.members.is_empty()
+    }
+
+    /// The members' ids.
+    pub(super) fn members(&self) -> Vec<u32> {
+        self.lock().members.iter().map(|(m, _)| *m).collect()
+    }
+
+    /// Runs `f` on the listening socket, while it is open.
+    pub(super) fn with_listener(
+        &self,
+        f: impl FnOnce(BorrowedFd<'_>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let l = self.listener.lock().unwrap_or_else(|p| p.into_inner());
+        match l.as_ref() {
+            Some(fd) if !systemd::is_inherited(fd) => f(fd.as_fd()),
+            _ => Ok(()),
+        }
     }
 
     pub(super) fn has(&self, id: u32) -> bool {

@@ -21,6 +21,14 @@ use crate::worker::Handed;
 const MIN_PAUSE: Duration = Duration::from_millis(5);
 const MAX_PAUSE: Duration = Duration::from_secs(1);
 
+/// Once the worker disconnects, a listener of its own socket accepts what the kernel queued on
+/// it before it closes: until no connection came for [`DRAIN_QUIET`], for [`DRAIN_MAX`] at
+/// most. The primary has stopped the socket taking new connections where nobody else serves it
+/// (see `dispatch::Servers::before_leave`), so the queue empties and nothing on it is reset;
+/// where others still serve it, this worker just takes its share a moment longer.
+const DRAIN_QUIET: Duration = Duration::from_millis(20);
+const DRAIN_MAX: Duration = Duration::from_millis(500);
+
 /// Says that the worker is out of descriptors: once per wait, so at most once a second.
 fn warn_exhausted(e: &io::Error, pause: Duration) {
     tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept: out of descriptors; waiting");
@@ -93,6 +101,38 @@ pub(super) struct Polling {
     /// While out of descriptors: the wait before the next accept, and the one after it.
     pub(super) pause: Option<Pin<Box<tokio::time::Sleep>>>,
     pub(super) delay: Duration,
+    /// While draining: the end of the quiet wait for the next queued connection.
+    pub(super) quiet: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The drain of the accept queue after the disconnect (see [`DRAIN_QUIET`]).
+#[derive(Default)]
+pub(super) struct Drain {
+    /// When it must end; set when it starts.
+    until: std::sync::OnceLock<tokio::time::Instant>,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl Drain {
+    /// How long to wait for the next queued connection now; `None` once the drain is over.
+    fn wait(&self) -> Option<Duration> {
+        if self.done.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let until = *self
+            .until
+            .get_or_init(|| tokio::time::Instant::now() + DRAIN_MAX);
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            self.end();
+            return None;
+        }
+        Some(left.min(DRAIN_QUIET))
+    }
+
+    fn end(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Where a stream listener's connections come from, and when it stops: the part the TCP and
@@ -104,6 +144,7 @@ pub(super) struct Acceptor<L> {
     pub(super) polling: Mutex<Polling>,
     pub(super) source: Source<L>,
     pub(super) closing: Option<watch::Receiver<bool>>,
+    pub(super) drain: Drain,
     pub(super) reg: Option<Registration>,
 }
 
@@ -113,6 +154,7 @@ impl<L: OsListener> Acceptor<L> {
             polling: Mutex::default(),
             source: Source::Own(listener),
             closing: None,
+            drain: Drain::default(),
             reg: None,
         }
     }
@@ -184,15 +226,63 @@ impl<L: OsListener> Acceptor<L> {
         if self.closing.is_none() {
             return Some(fut.await);
         }
-        if self.is_closed() {
-            return None;
+        if !self.is_closed() {
+            tokio::select! {
+                r = fut => return match r {
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
+                    r => Some(r),
+                },
+                () = self.closed() => {}
+            }
         }
-        tokio::select! {
-            r = fut => match r {
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => None,
-                r => Some(r),
-            },
-            () = self.closed() => None,
+        self.drain_next().await
+    }
+
+    /// After the disconnect: the next connection still queued on our own socket, if one comes
+    /// within the drain's quiet wait.
+    async fn drain_next(&self) -> Option<io::Result<Accepted<L>>> {
+        let Source::Own(l) = &self.source else {
+            return None;
+        };
+        let wait = self.drain.wait()?;
+        match tokio::time::timeout(wait, l.accept()).await {
+            Ok(Ok((s, a))) => Some(Ok(Accepted::Own(s, a))),
+            // Quiet, or an error: the queue is as empty as it will get.
+            _ => {
+                self.drain.end();
+                None
+            }
+        }
+    }
+
+    /// [`drain_next`](Self::drain_next) as a poll.
+    fn poll_drain(
+        &self,
+        polling: &mut Polling,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Accepted<L>>>> {
+        let Source::Own(l) = &self.source else {
+            return Poll::Ready(None);
+        };
+        loop {
+            if let Some(quiet) = polling.quiet.as_mut() {
+                match l.poll_accept(cx) {
+                    Poll::Ready(Ok((s, a))) => {
+                        polling.quiet = None;
+                        return Poll::Ready(Some(Ok(Accepted::Own(s, a))));
+                    }
+                    Poll::Ready(Err(_)) => {}
+                    Poll::Pending if quiet.as_mut().poll(cx).is_pending() => return Poll::Pending,
+                    Poll::Pending => {}
+                }
+                polling.quiet = None;
+                self.drain.end();
+                return Poll::Ready(None);
+            }
+            let Some(wait) = self.drain.wait() else {
+                return Poll::Ready(None);
+            };
+            polling.quiet = Some(Box::pin(tokio::time::sleep(wait)));
         }
     }
 
@@ -204,7 +294,7 @@ impl<L: OsListener> Acceptor<L> {
                 .closed
                 .get_or_insert_with(|| Box::pin(self.closed()));
             if self.is_closed() || closed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
+                return self.poll_drain(&mut polling, cx);
             }
         }
         let h = match &self.source {

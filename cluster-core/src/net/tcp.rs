@@ -74,6 +74,7 @@ impl TcpListener {
                 polling: Mutex::default(),
                 source,
                 closing: Some(link.closing.subscribe()),
+                drain: Default::default(),
                 reg: Some(reg),
             },
             local,

@@ -57,6 +57,7 @@ impl UnixListener {
                 polling: Mutex::default(),
                 source,
                 closing: Some(link.closing.subscribe()),
+                drain: Default::default(),
                 reg: Some(reg),
             },
             path,

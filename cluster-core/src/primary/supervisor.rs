@@ -580,6 +580,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             id,
             spawned.pid,
             outbox,
+            self.servers.clone(),
             status_rx,
             spawned.child.stdout.take(),
             spawned.child.stderr.take(),
@@ -811,9 +812,17 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         for reply in self.pending_scale.take().into_iter().flat_map(|(_, r)| r) {
             let _ = reply.send(Err(super::rollout::cancelled()));
         }
+        // Nobody will serve the shared ports: they stop taking new connections first, so the
+        // workers can accept what is queued on them and close them empty. Under round-robin
+        // the primary accepts what is queued and the workers take it before they are told to
+        // leave (after the disconnect they take no more).
+        let settle = self.servers.before_close();
         for e in self.entries.values() {
             if e.life().connected() {
-                e.worker.disconnect_within(grace);
+                match settle {
+                    Some(settle) => e.worker.disconnect_after(grace, settle),
+                    None => e.worker.disconnect_within(grace),
+                }
             }
         }
         // Wakes a `next_event` that waits: with no worker left it must now end.

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::policy::Life;
 use crate::channel::Outbox;
+use crate::dispatch::Servers;
 use crate::error::{Error, ErrorKind};
 use crate::event::{ExitStatus, WorkerState};
 use crate::message::Message;
@@ -41,6 +42,8 @@ pub(crate) struct WorkerShared {
     pub(crate) id: u32,
     pub(crate) pid: u32,
     pub(crate) outbox: Arc<Outbox>,
+    /// The shared ports, told before this worker is asked to leave.
+    servers: Arc<Servers>,
     pub(crate) status: watch::Receiver<Status>,
     /// Set once by [`WorkerRef::disconnect`]: the user asked this worker to leave. The
     /// handle owns this fact (the supervisor reads it when the worker goes), so the worker
@@ -70,6 +73,7 @@ impl WorkerShared {
         id: u32,
         pid: u32,
         outbox: Arc<Outbox>,
+        servers: Arc<Servers>,
         status: watch::Receiver<Status>,
         stdout: Option<ChildStdout>,
         stderr: Option<ChildStderr>,
@@ -78,6 +82,7 @@ impl WorkerShared {
             id,
             pid,
             outbox,
+            servers,
             status,
             leaving: AtomicBool::new(false),
             stdout: Mutex::new(stdout),
@@ -116,6 +121,15 @@ pub struct WorkerRef<W = ()> {
     /// The state at the event this handle came with.
     moment: Option<WorkerState>,
     _w: PhantomData<fn(W)>,
+}
+
+/// Tells the worker to leave within `grace`.
+fn send_disconnect(shared: &WorkerShared, grace: Option<Duration>) {
+    let within_ms = grace.map(|g| u64::try_from(g.as_millis()).unwrap_or(u64::MAX));
+    let _ = shared.outbox.send(
+        &Wire::<()>::Control(Control::Disconnect { within_ms }),
+        vec![],
+    );
 }
 
 impl<W> Clone for WorkerRef<W> {
@@ -255,11 +269,22 @@ impl<W> WorkerRef<W> {
         if !self.is_connected() || self.shared.leaving.swap(true, Ordering::Relaxed) {
             return;
         }
-        let within_ms = grace.map(|g| u64::try_from(g.as_millis()).unwrap_or(u64::MAX));
-        let _ = self.shared.outbox.send(
-            &Wire::<()>::Control(Control::Disconnect { within_ms }),
-            vec![],
-        );
+        self.shared.servers.before_leave(self.id());
+        send_disconnect(&self.shared, grace);
+    }
+
+    /// [`disconnect_within`](Self::disconnect_within), the `Disconnect` itself sent after
+    /// `settle`: the worker is out of `workers()` at once, but keeps taking the connections
+    /// handed to it meanwhile (a shutdown lets the round-robin queue empty this way).
+    pub(crate) fn disconnect_after(&self, grace: Option<Duration>, settle: Duration) {
+        if !self.is_connected() || self.shared.leaving.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(settle).await;
+            send_disconnect(&shared, grace);
+        });
     }
 
     /// Sends SIGTERM at once, with no disconnect handshake (Node's `worker.kill()`); afterwards
