@@ -1533,3 +1533,87 @@ fn sigterm_during_a_reload_under_load_fails_no_request_under_shared() {
 fn sigterm_during_a_reload_under_load_fails_no_request_under_reuseport() {
     sigterm_during_reload_under_load_fails_nothing("reuseport");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A new build
+
+/// The inode of the executable process `pid` runs.
+fn exe_inode(pid: u32) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(format!("/proc/{pid}/exe")).unwrap())
+}
+
+fn inode(path: &std::path::Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+}
+
+fn sigkill(pid: u32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// A deploy installs a new build over the binary's path (a new file renamed over it). A crash
+/// respawn keeps running the build that serves; SIGHUP replaces every worker with the new
+/// one, which then serves, so later respawns run it too. (Before: every worker, reloaded or
+/// respawned, ran the build the primary was started with.)
+#[test]
+fn a_reload_runs_the_build_installed_at_the_path_and_respawns_run_the_serving_one() {
+    let dir = temp_dir("new-build");
+    let bin = dir.join("app");
+    std::fs::copy(common::example(FIXTURE), &bin).unwrap();
+    let v1 = inode(&bin);
+    let mut f = Fixture::spawn(command(&bin, &[("CLUSTER_WORKERS", "2")]));
+    let p1 = f.listening(1);
+    let p2 = f.listening(2);
+    assert_eq!((exe_inode(p1), exe_inode(p2)), (v1, v1));
+    let port = f.port();
+    let staged = dir.join("app.new");
+    std::fs::copy(common::example(FIXTURE), &staged).unwrap();
+    std::fs::rename(&staged, &bin).unwrap();
+    let v2 = inode(&bin);
+    assert_ne!(v1, v2);
+
+    sigkill(p1);
+    let p3 = f.listening(3);
+    assert_eq!(exe_inode(p3), v1, "a crash respawn runs the serving build");
+
+    f.signal(Signal::SIGHUP);
+    f.expect("exit 2 ");
+    f.expect("exit 3 ");
+    let workers = f.workers();
+    assert_eq!(workers.iter().map(|w| w.0).collect::<Vec<_>>(), [4, 5]);
+    for (id, pid) in &workers {
+        assert_eq!(exe_inode(*pid), v2, "worker {id} runs the new build");
+    }
+    assert!(ask(port, "x").unwrap().starts_with("worker "));
+
+    sigkill(workers[0].1);
+    let p6 = f.listening(6);
+    assert_eq!(exe_inode(p6), v2, "the new build serves: respawns run it");
+    f.signal(Signal::SIGTERM);
+    assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
+    f.all_workers_gone();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A reload whose binary is gone from the path is refused; the old workers keep serving.
+#[test]
+fn a_reload_with_no_binary_at_the_path_is_refused_and_the_old_workers_serve() {
+    let dir = temp_dir("gone-build");
+    let bin = dir.join("app");
+    std::fs::copy(common::example(FIXTURE), &bin).unwrap();
+    let mut f = Fixture::spawn(command(&bin, &[("CLUSTER_WORKERS", "1")]));
+    let p1 = f.listening(1);
+    let port = f.port();
+    std::fs::remove_file(&bin).unwrap();
+    f.send("reload");
+    let answer = f.next("reload ");
+    assert!(
+        answer.contains("cannot open the binary at") && answer.contains("app"),
+        "{answer}"
+    );
+    assert!(!f.saw("fork 2 "));
+    assert_eq!(f.workers(), vec![(1, p1)]);
+    assert!(ask(port, "x").unwrap().starts_with("worker 1 "));
+    f.signal(Signal::SIGTERM);
+    assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::UnixStream;
@@ -16,10 +17,29 @@ use crate::sys;
 /// What the primary keeps of how it was started, to start workers the same way.
 #[derive(Debug)]
 pub(crate) struct Launcher {
-    /// A handle on the binary we were started from, kept even if a package upgrade replaces
-    /// the file on disk: workers always run the primary's own version.
-    exe: Option<std::fs::File>,
+    /// A handle on the build that serves: the binary we were started from, or the one the last
+    /// successful reload picked up. Kept even when a deploy replaces the file on disk, so a
+    /// crash respawn never runs a build that has not proven itself.
+    serving: Option<std::fs::File>,
+    /// The build a running reload starts its replacements from: the file at [`Launcher::path`]
+    /// as it was when the reload began. It becomes `serving` when the reload succeeds.
+    candidate: Option<std::fs::File>,
+    /// Where the primary was started from (see [`started_from`]); opened again at each reload.
+    path: Option<PathBuf>,
     argv0: OsString,
+}
+
+/// The path the primary was started from, as the user named it: `argv[0]` when it holds a
+/// `/` (made absolute against the directory the primary started in, and not resolved, so a
+/// deploy that moves a symlink is followed), else the executable the kernel ran (a program
+/// found through `PATH`).
+fn started_from() -> Option<PathBuf> {
+    let argv0 = PathBuf::from(std::env::args_os().next()?);
+    if argv0.components().count() > 1 {
+        Some(std::env::current_dir().ok()?.join(argv0))
+    } else {
+        std::env::current_exe().ok()
+    }
 }
 
 /// A started worker process and the primary's end of its channel.
@@ -31,26 +51,71 @@ pub(crate) struct Spawned {
 
 impl Launcher {
     pub(crate) fn new() -> Self {
-        let exe = if cfg!(target_os = "linux") {
+        let serving = if cfg!(target_os = "linux") {
             std::fs::File::open("/proc/self/exe").ok()
         } else {
             None
         };
         Launcher {
-            exe,
+            serving,
+            candidate: None,
+            path: started_from(),
             argv0: std::env::args_os()
                 .next()
                 .unwrap_or_else(|| "cluster-worker".into()),
         }
     }
 
-    /// Starts worker `id` with `settings`, `env` merged over the primary's environment.
+    /// A reload begins: its replacements run the binary at the path the primary was started
+    /// from, as it is on disk now.
+    pub(crate) fn open_candidate(&mut self) -> Result<(), Error> {
+        self.candidate = None;
+        if self.serving.is_none() {
+            // Without a handle every worker starts from the path anyway.
+            return Ok(());
+        }
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let file = std::fs::File::open(path).map_err(|e| {
+            Error::io(
+                ErrorKind::Spawn,
+                format!(
+                    "reload: cannot open the binary at `{}`; the old workers keep serving",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        self.candidate = Some(file);
+        Ok(())
+    }
+
+    /// The reload succeeded: its build serves now (crash respawns use it).
+    pub(crate) fn promote(&mut self) {
+        if let Some(c) = self.candidate.take() {
+            self.serving = Some(c);
+        }
+    }
+
+    /// The reload failed or was cancelled: the serving build stays.
+    pub(crate) fn discard_candidate(&mut self) {
+        self.candidate = None;
+    }
+
+    /// Starts worker `id` with `settings`, `env` merged over the primary's environment; from
+    /// the reload's build when `replacement`, else from the serving one.
     pub(crate) fn spawn(
         &self,
         id: u32,
         settings: &Settings,
         env: &[(OsString, OsString)],
+        replacement: bool,
     ) -> Result<Spawned, Error> {
+        let exe = match (&self.candidate, replacement) {
+            (Some(c), true) => Some(c),
+            _ => self.serving.as_ref(),
+        };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| {
             Error::io(
                 ErrorKind::Spawn,
@@ -61,7 +126,7 @@ impl Launcher {
 
         let mut cmd;
         let exe_fd;
-        match (&settings.exec, &self.exe) {
+        match (&settings.exec, exe) {
             (Some(path), _) => {
                 cmd = tokio::process::Command::new(path);
                 exe_fd = None;

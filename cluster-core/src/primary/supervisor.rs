@@ -374,6 +374,10 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 }
             }
             Command::RolloutDone { result } => {
+                match &result {
+                    Ok(()) => self.launcher.promote(),
+                    Err(_) => self.launcher.discard_candidate(),
+                }
                 for reply in self.rollout.take().into_iter().flatten() {
                     let copy = match &result {
                         Ok(()) => Ok(()),
@@ -507,6 +511,13 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         let Some(commands) = self.myself.upgrade() else {
             return;
         };
+        if let Err(e) = self.launcher.open_candidate() {
+            tracing::error!(error = %e, "reload refused");
+            for reply in replies {
+                let _ = reply.send(Err(Error::new(e.kind(), e.to_string())));
+            }
+            return;
+        }
         self.rollout = Some(replies);
         let rollout = super::rollout::Rollout {
             commands,
@@ -558,7 +569,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             // the kernel queued there are served, not reset when the old one leaves.
             self.servers.inherit_slot(id, old);
         }
-        let mut spawned = match self.launcher.spawn(id, &self.settings, env) {
+        let mut spawned = match self.launcher.spawn(id, &self.settings, env, probation) {
             Ok(s) => s,
             Err(e) => {
                 self.servers.worker_gone(id);
