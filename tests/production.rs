@@ -1407,26 +1407,46 @@ fn load(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Counts> {
     })
 }
 
-/// SIGTERM under load: every connection that was made is answered; after the exit, clients
-/// are refused at connect. (Before, under shared and reuseport, connections the kernel had
-/// queued on the listening sockets were reset when they closed.)
-fn shutdown_under_load_fails_nothing(policy: &str) {
+/// A client load running, until [`Load::finish`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    clients: std::thread::JoinHandle<Counts>,
+}
+
+impl Load {
+    /// Stops the clients; what they saw, once checked that some were served and none failed.
+    fn finish(self, what: &str) -> Counts {
+        self.stop.store(true, Ordering::Relaxed);
+        let c = self.clients.join().unwrap();
+        eprintln!("{what}: {c:?}");
+        assert!(c.served > 0, "{what}: {c:?}");
+        assert!(c.failed.is_empty(), "{what}: {c:?}");
+        c
+    }
+}
+
+/// The fixture with two workers listening under `policy`, and a client load on their port.
+fn two_workers_under_load(policy: &str) -> (Fixture, Load) {
     let mut f = Fixture::start(2, &[("CLUSTER_SCHED_POLICY", policy)]);
     f.listening(1);
     f.listening(2);
     let port = f.port();
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(port, stop.clone());
+    (f, Load { stop, clients })
+}
+
+/// SIGTERM under load: every connection that was made is answered; after the exit, clients
+/// are refused at connect. (Before, under shared and reuseport, connections the kernel had
+/// queued on the listening sockets were reset when they closed.)
+fn shutdown_under_load_fails_nothing(policy: &str) {
+    let (mut f, clients) = two_workers_under_load(policy);
     std::thread::sleep(Duration::from_millis(500));
     f.signal(Signal::SIGTERM);
     assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
     f.all_workers_gone();
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::Relaxed);
-    let c = clients.join().unwrap();
-    eprintln!("{policy}: shutdown under load: {c:?}");
-    assert!(c.served > 0, "{policy}: {c:?}");
-    assert!(c.failed.is_empty(), "{policy}: {c:?}");
+    clients.finish(&format!("{policy}: shutdown under load"));
 }
 
 #[test]
@@ -1448,12 +1468,7 @@ fn shutdown_under_load_fails_no_request_under_reuseport() {
 /// under reuseport, the connections the kernel had queued on a retired slot's socket were
 /// reset when it closed.)
 fn scale_down_under_load_fails_nothing(policy: &str) {
-    let mut f = Fixture::start(2, &[("CLUSTER_SCHED_POLICY", policy)]);
-    f.listening(1);
-    f.listening(2);
-    let port = f.port();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = load(port, stop.clone());
+    let (mut f, clients) = two_workers_under_load(policy);
     let mut next = 3;
     for _ in 0..3 {
         for _ in 0..2 {
@@ -1470,11 +1485,7 @@ fn scale_down_under_load_fails_nothing(policy: &str) {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    stop.store(true, Ordering::Relaxed);
-    let c = clients.join().unwrap();
-    eprintln!("{policy}: scale-down under load: {c:?}");
-    assert!(c.served > 0, "{policy}: {c:?}");
-    assert!(c.failed.is_empty(), "{policy}: {c:?}");
+    let c = clients.finish(&format!("{policy}: scale-down under load"));
     assert_eq!(c.refused, 0, "{policy}: {c:?}");
     assert!(!f.saw("exit 1 ") && !f.saw("exit 2 "), "the first two stay");
 }
@@ -1496,23 +1507,14 @@ fn scale_down_under_load_fails_no_request_under_reuseport() {
 
 /// SIGTERM while a reload replaces the workers, under load: nothing that connected fails.
 fn sigterm_during_reload_under_load_fails_nothing(policy: &str) {
-    let mut f = Fixture::start(2, &[("CLUSTER_SCHED_POLICY", policy)]);
-    f.listening(1);
-    f.listening(2);
-    let port = f.port();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients = load(port, stop.clone());
+    let (mut f, clients) = two_workers_under_load(policy);
     std::thread::sleep(Duration::from_millis(300));
     f.signal(Signal::SIGHUP);
     f.expect("fork 3 ");
     f.signal(Signal::SIGTERM);
     assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
     f.all_workers_gone();
-    stop.store(true, Ordering::Relaxed);
-    let c = clients.join().unwrap();
-    eprintln!("{policy}: SIGTERM during a reload under load: {c:?}");
-    assert!(c.served > 0, "{policy}: {c:?}");
-    assert!(c.failed.is_empty(), "{policy}: {c:?}");
+    clients.finish(&format!("{policy}: SIGTERM during a reload under load"));
     assert!(
         !f.saw("fork 5 "),
         "{policy}: the rollout went on after SIGTERM"

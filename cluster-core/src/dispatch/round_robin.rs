@@ -165,10 +165,7 @@ impl RoundRobin {
     ///
     /// [`resume`]: Self::resume
     pub(super) fn pause(&self, id: u32) {
-        let mut st = self.lock();
-        if !st.full.contains(&id) {
-            st.full.push(id);
-        }
+        self.lock().pause(id);
     }
 
     /// Worker `id` has room again.
@@ -182,9 +179,7 @@ impl RoundRobin {
     /// descriptor limit): they go to the others, and it gets none until it has room.
     pub(super) fn lost(&self, id: u32, n: usize) {
         let mut st = self.lock();
-        if !st.full.contains(&id) {
-            st.full.push(id);
-        }
+        st.pause(id);
         let mut lost = Vec::new();
         if let Some(q) = st.inflight.get_mut(&id) {
             for _ in 0..n.min(q.len()) {
@@ -271,6 +266,12 @@ impl RoundRobin {
 }
 
 impl RrState {
+    fn pause(&mut self, id: u32) {
+        if !self.full.contains(&id) {
+            self.full.push(id);
+        }
+    }
+
     /// Hands `conn` to the next member whose channel takes it; keeps it when none can.
     fn give(&mut self, server: u32, conn: Arc<OwnedFd>) {
         if self.stopped {
