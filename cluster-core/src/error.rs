@@ -27,6 +27,9 @@ pub enum ErrorKind {
     CrashLoop,
     /// Binding a server failed.
     Bind,
+    /// A full upgrade failed (the new primary did not start, exited, or its workers were not
+    /// ready in time); the old primary and its workers serve on.
+    Upgrade,
     /// The call is not allowed in the cluster's current state, such as changing the scheduling
     /// policy after the first fork (Node freezes it then). Nothing was changed.
     InvalidState,

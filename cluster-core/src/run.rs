@@ -38,7 +38,10 @@ impl Role {
     unsafe fn detect() -> Result<Role, String> {
         let Some(raw) = std::env::var_os(WORKER_ID_VAR) else {
             // SAFETY: the caller guarantees that the process has one thread.
-            unsafe { crate::systemd::take_from_env() };
+            unsafe {
+                crate::systemd::take_from_env();
+                crate::primary::upgrade::take_from_env();
+            }
             return Ok(Role::Primary);
         };
         // SAFETY: the caller guarantees that the process has one thread.

@@ -176,6 +176,61 @@ pub fn child_setup(channel: RawFd, exe: Option<RawFd>) -> io::Result<()> {
     Ok(())
 }
 
+/// Child setup for a new primary (a full upgrade): descriptor `sources[i]` becomes `3 + i`
+/// without close-on-exec, every other descriptor closes at `exec`. The sources must all lie
+/// above the targets (see [`dup_above`]), so no `dup2` clobbers one still to be moved.
+///
+/// Runs in the forked child before `exec`: only async-signal-safe system calls.
+pub fn child_place_fds(sources: &[RawFd]) -> io::Result<()> {
+    use nix::libc;
+    // SAFETY: plain system calls on descriptor numbers in the forked child, which owns copies of
+    // every descriptor of the parent; the targets are below every source.
+    unsafe {
+        for (i, src) in sources.iter().enumerate() {
+            let target = 3 + i as RawFd;
+            // dup2 leaves the new descriptor without close-on-exec: it is inherited.
+            if libc::dup2(*src, target) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        close_range_cloexec(3 + sources.len() as RawFd);
+    }
+    Ok(())
+}
+
+/// A close-on-exec copy of `fd` numbered `min` or above.
+pub fn dup_above(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    use nix::libc;
+    // SAFETY: `fcntl(F_DUPFD_CLOEXEC)` on a descriptor we borrow; the copy is new and ours.
+    let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if copy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `copy` is a descriptor the call above just opened, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+}
+
+/// Takes descriptor `fd`, which an old primary handed this one for the upgrade's status
+/// channel, after checking that it is a Unix stream socket; marks it close-on-exec.
+pub fn adopt_stream_fd(fd: RawFd) -> Option<OwnedFd> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use nix::sys::socket::{SockType, getsockopt, sockopt};
+    fcntl(fd, FcntlArg::F_GETFD).ok()?;
+    // SAFETY: the descriptor is open (checked above); we only borrow it for one query.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    if !matches!(
+        getsockopt(&borrowed, sockopt::SockType),
+        Ok(SockType::Stream)
+    ) {
+        return None;
+    }
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).ok()?;
+    // SAFETY: the old primary handed this descriptor over for the status channel (the
+    // environment names it, and its parent is that primary); nothing else in the process
+    // claims it: the role is decided before any other code runs.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Marks every descriptor from `from` on close-on-exec, so nothing the primary inherited
 /// without the flag leaks into a worker. Older kernels lack `close_range`; there the flags the
 /// standard library, tokio and nix set on their own descriptors still hold.

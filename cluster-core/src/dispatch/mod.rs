@@ -239,7 +239,7 @@ impl Servers {
                 let slot = slots.of(id);
                 if let std::collections::hash_map::Entry::Vacant(e) = sockets.entry(slot) {
                     // Same address and port as the first slot, so port 0 is shared too.
-                    let (fd, _) = socket::bind(&bound, true)?;
+                    let (fd, _) = bind(&bound, true)?;
                     e.insert(fd);
                 }
                 let fd = sockets[&slot].try_clone()?;
@@ -278,7 +278,7 @@ impl Servers {
                 KeyKind::Shared { members, .. } if members == &[id] => k.refuse(),
                 KeyKind::ReusePort { sockets, members } if members.contains(&id) => {
                     if let Some(fd) = slot.and_then(|s| sockets.remove(&s)) {
-                        if is_tcp(&k.bound) {
+                        if is_tcp(&k.bound) && !systemd::shared_elsewhere(fd.as_fd()) {
                             let _ = drop_new_connections(fd.as_fd(), true);
                         }
                     }
@@ -302,11 +302,45 @@ impl Servers {
             k.refuse();
             match &mut k.kind {
                 KeyKind::ReusePort { sockets, .. } => sockets.clear(),
-                KeyKind::RoundRobin(_) => settle = Some(round_robin::SETTLE),
+                KeyKind::RoundRobin(rr) => {
+                    // A socket another primary serves keeps taking connections: that one
+                    // accepts them from now on.
+                    if rr
+                        .listener()
+                        .is_some_and(|fd| systemd::shared_elsewhere(fd.as_fd()))
+                    {
+                        rr.stop_accepting();
+                    }
+                    settle = Some(round_robin::SETTLE);
+                }
                 KeyKind::Shared { .. } => {}
             }
         }
         settle
+    }
+
+    /// Copies of every listening socket the keys serve, each with whether systemd handed it
+    /// over: what a full upgrade hands the new primary (`SO_REUSEPORT` slots in slot order).
+    pub(crate) fn sockets(&self) -> Vec<(OwnedFd, bool)> {
+        let st = self.lock();
+        let mut out = Vec::new();
+        for k in st.keys.values() {
+            match &k.kind {
+                KeyKind::RoundRobin(rr) => out.extend(rr.listener()),
+                KeyKind::Shared { fd, .. } => out.extend(fd.try_clone().ok()),
+                KeyKind::ReusePort { sockets, .. } => {
+                    let mut slots: Vec<_> = sockets.iter().collect();
+                    slots.sort_by_key(|(slot, _)| **slot);
+                    out.extend(slots.into_iter().filter_map(|(_, fd)| fd.try_clone().ok()));
+                }
+            }
+        }
+        out.into_iter()
+            .map(|fd| {
+                let systemd = systemd::from_systemd(fd.as_fd());
+                (fd, systemd)
+            })
+            .collect()
     }
 
     /// Worker `new` replaces `old` (a reload): under `reuseport` it takes the same slot, and
@@ -349,8 +383,9 @@ impl Servers {
 }
 
 impl Key {
-    /// Stops its TCP sockets taking new connections (not one systemd handed over: systemd keeps
-    /// it open, with its queue, for the next start, and it must take connections then).
+    /// Stops its TCP sockets taking new connections (not one another process serves too:
+    /// systemd keeps its sockets open, with their queues, for the next start, and they must
+    /// take connections then; the other primary of an upgrade accepts on them).
     fn refuse(&mut self) {
         if self.refusing || !is_tcp(&self.bound) {
             return;
@@ -362,9 +397,12 @@ impl Key {
     fn each_socket(&self, f: impl Fn(BorrowedFd<'_>) -> io::Result<()>) {
         let res = match &self.kind {
             KeyKind::RoundRobin(rr) => rr.with_listener(&f),
-            KeyKind::Shared { fd, .. } if !systemd::is_inherited(fd) => f(fd.as_fd()),
+            KeyKind::Shared { fd, .. } if !systemd::shared_elsewhere(fd.as_fd()) => f(fd.as_fd()),
             KeyKind::Shared { .. } => Ok(()),
-            KeyKind::ReusePort { sockets, .. } => sockets.values().try_for_each(|fd| f(fd.as_fd())),
+            KeyKind::ReusePort { sockets, .. } => sockets
+                .values()
+                .filter(|fd| !systemd::shared_elsewhere(fd.as_fd()))
+                .try_for_each(|fd| f(fd.as_fd())),
         };
         if let Err(e) = res {
             tracing::warn!(error = %e, "cannot change whether a listening socket takes connections");
@@ -376,25 +414,34 @@ fn is_tcp(addr: &BindAddr) -> bool {
     matches!(addr, BindAddr::Tcp(_))
 }
 
-/// A socket for `addr`: under systemd socket activation, the one the primary was handed.
+/// A socket for `addr`: one the primary was handed (systemd's socket activation, or the old
+/// primary of an upgrade) when one fits, else a new one.
 fn bind(addr: &BindAddr, reuseport: bool) -> io::Result<(OwnedFd, BindAddr)> {
-    if !reuseport {
-        if let Some(fd) = systemd::take_inherited(addr) {
-            let bound = socket::local_addr(&fd, addr)?;
-            return Ok((fd, bound));
-        }
+    if let Some(fd) = systemd::take_inherited(addr, reuseport) {
+        let bound = socket::local_addr(&fd, addr)?;
+        return Ok((fd, bound));
     }
     socket::bind(addr, reuseport)
 }
 
 fn close_key(k: Key) {
+    // Whether another process serves the socket: then its file stays too.
+    let shared = match &k.kind {
+        KeyKind::RoundRobin(rr) => rr
+            .listener()
+            .is_some_and(|fd| systemd::shared_elsewhere(fd.as_fd())),
+        KeyKind::Shared { fd, .. } => systemd::shared_elsewhere(fd.as_fd()),
+        KeyKind::ReusePort { .. } => false,
+    };
     match &k.kind {
         KeyKind::RoundRobin(rr) => rr.stop(),
-        KeyKind::Shared { fd, .. } => systemd::release(fd),
+        KeyKind::Shared { fd, .. } => systemd::release(fd.as_fd()),
         KeyKind::ReusePort { .. } => {}
     }
     if let BindAddr::Unix(path) = &k.bound {
-        let _ = std::fs::remove_file(path);
+        if !shared {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -216,9 +216,21 @@ impl RoundRobin {
     ) -> io::Result<()> {
         let l = self.listener.lock().unwrap_or_else(|p| p.into_inner());
         match l.as_ref() {
-            Some(fd) if !systemd::is_inherited(fd) => f(fd.as_fd()),
+            Some(fd) if !systemd::shared_elsewhere(fd.as_fd()) => f(fd.as_fd()),
             _ => Ok(()),
         }
+    }
+
+    /// A copy of the listening socket, while it is open.
+    pub(super) fn listener(&self) -> Option<OwnedFd> {
+        let l = self.listener.lock().unwrap_or_else(|p| p.into_inner());
+        l.as_ref().and_then(|fd| fd.try_clone().ok())
+    }
+
+    /// Accepts no more connections: another process serves the socket (the new primary of an
+    /// upgrade). The connections accepted already still go to the members.
+    pub(super) fn stop_accepting(&self) {
+        self.stop.notify_one();
     }
 
     pub(super) fn has(&self, id: u32) -> bool {
@@ -250,10 +262,11 @@ impl RoundRobin {
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            if systemd::is_inherited(&fd) {
-                // A socket systemd handed us keeps listening (its queue holds connections for
-                // the next worker); it only goes back to the pool.
-                systemd::release(&fd);
+            if systemd::shared_elsewhere(fd.as_fd()) {
+                // A socket another process serves too keeps listening (systemd's queue holds
+                // connections for the next start; the other primary of an upgrade accepts on
+                // it); it only goes back to the pool.
+                systemd::release(fd.as_fd());
             } else {
                 let _ = nix::sys::socket::shutdown(
                     std::os::fd::AsRawFd::as_raw_fd(&fd),

@@ -17,6 +17,7 @@ mod signals;
 mod spawn;
 mod stats;
 mod supervisor;
+pub(crate) mod upgrade;
 mod worker_ref;
 
 use std::ffi::{OsStr, OsString};
@@ -164,6 +165,7 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// |---|---|
     /// | SIGTERM, SIGINT | graceful [`shutdown`](Self::shutdown) with `grace`; afterwards `next_event` returns `None`. If workers remain after `grace` they are killed and the primary exits with code 1; a second SIGINT forces it at once |
     /// | SIGHUP | rolling [`reload`](Self::reload) |
+    /// | SIGUSR2 | full [`upgrade`](Self::upgrade), the primary included; the outcome is a line on stderr (`cluster: upgrade done: ..` or `cluster: upgrade failed: ..`, the latter also an `Error` event) |
     /// | SIGTTIN / SIGTTOU | one worker more / fewer (the newest leaves gracefully) |
     pub fn handle_signals(&self, grace: Duration) -> std::io::Result<()> {
         signals::handle(self.clone(), grace)
@@ -382,6 +384,29 @@ impl<P: Message, W: Message> Primary<P, W> {
     /// replacement is forked once the cluster is closing.
     pub async fn reload(&self, grace: Duration) -> Result<(), Error> {
         self.call(|reply| Command::Reload { grace, reply })
+            .await
+            .unwrap_or_else(|| Err(gone()))
+    }
+
+    /// Full upgrade, the primary included (what SIGUSR2 does under
+    /// [`handle_signals`](Self::handle_signals)): starts the binary now at the path this
+    /// primary was started from as a new primary, handing it every listening socket, the
+    /// worker count and the scheduling policy. The new primary forks its own workers; once all
+    /// of them are ready (listening, or online for a moment without a server) this primary
+    /// hands the service over (`MAINPID=` to systemd), drains its workers under `grace` and
+    /// its event stream ends, so `main` returns. No port closes during the switch: both
+    /// primaries accept on the same sockets until the old one is gone. Returns the new
+    /// primary's pid.
+    ///
+    /// A new primary that exits, or whose workers are not all ready within `grace`, is stopped
+    /// (SIGTERM, SIGKILL after 5 s) and this primary serves on as before: `ErrorKind::Upgrade`.
+    /// An upgrade asked for while one runs, during a rolling reload or a shutdown is refused
+    /// (`ErrorKind::InvalidState`), as is a reload while an upgrade runs. Unlike a
+    /// [`reload`](Self::reload), an upgrade can bring in a build with other message types or
+    /// another version of cluster: no worker of the old primary talks to the new one.
+    pub async fn upgrade(&self, grace: Duration) -> Result<u32, Error> {
+        self.ensure_started().await;
+        self.call(|reply| Command::Upgrade { grace, reply })
             .await
             .unwrap_or_else(|| Err(gone()))
     }

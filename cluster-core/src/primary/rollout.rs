@@ -102,7 +102,7 @@ impl<W: Message> Rollout<W> {
             return Err(Error::new(
                 ErrorKind::Spawn,
                 format!(
-                    "reload stopped: replacement worker {} did not become ready (a build with other message types or another version of cluster is refused at the handshake: a reload cannot bring it in); the old workers keep serving and the settings are back to theirs",
+                    "reload stopped: replacement worker {} did not become ready (a build with other message types or another version of cluster is refused at the handshake: bring it in with the full upgrade, SIGUSR2 or `Primary::upgrade`); the old workers keep serving and the settings are back to theirs",
                     new.id()
                 ),
             ));

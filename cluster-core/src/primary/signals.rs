@@ -19,6 +19,7 @@ pub(super) fn handle<P: Message, W: Message>(
     let mut hup = signal(SignalKind::hangup())?;
     let mut ttin = signal(SignalKind::from_raw(nix::libc::SIGTTIN))?;
     let mut ttou = signal(SignalKind::from_raw(nix::libc::SIGTTOU))?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -29,6 +30,22 @@ pub(super) fn handle<P: Message, W: Message>(
                     tokio::spawn(async move {
                         if let Err(error) = m.reload(grace).await {
                             m.report(error);
+                        }
+                    });
+                }
+                _ = usr2.recv() => {
+                    let m = me.clone();
+                    tokio::spawn(async move {
+                        // The signal's sender cannot read a `Result`: the outcome is a line on
+                        // stderr (and, when it failed, an `Error` event).
+                        match m.upgrade(grace).await {
+                            Ok(pid) => eprintln!(
+                                "cluster: upgrade done: the new primary (pid {pid}) serves; this primary drains and exits"
+                            ),
+                            Err(error) => {
+                                eprintln!("cluster: {error}");
+                                m.report(error);
+                            }
                         }
                     });
                 }

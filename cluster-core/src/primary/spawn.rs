@@ -66,6 +66,11 @@ impl Launcher {
         }
     }
 
+    /// Where the primary was started from (see [`started_from`]).
+    pub(crate) fn path(&self) -> Option<&PathBuf> {
+        self.path.as_ref()
+    }
+
     /// A reload begins: its replacements run the binary at the path the primary was started
     /// from, as it is on disk now.
     pub(crate) fn open_candidate(&mut self) -> Result<(), Error> {

@@ -58,6 +58,9 @@ pub(crate) const REPORTS: usize = 256;
 /// Where a reload's outcome goes.
 pub(crate) type ReloadReply = oneshot::Sender<Result<(), Error>>;
 
+/// Where an upgrade's outcome goes: the new primary's pid.
+pub(crate) type UpgradeReply = oneshot::Sender<Result<u32, Error>>;
+
 /// Where a scale request's outcome goes: the workers it forked.
 pub(crate) type ScaleReply<W> = oneshot::Sender<Result<Vec<WorkerRef<W>>, Error>>;
 
@@ -127,6 +130,15 @@ pub(crate) enum Command<W> {
     /// The running rollout ended.
     RolloutDone {
         result: Result<(), Error>,
+    },
+    /// A full upgrade (see [`Primary::upgrade`](crate::Primary::upgrade)).
+    Upgrade {
+        grace: Duration,
+        reply: UpgradeReply,
+    },
+    /// The new primary of the running upgrade serves, or failed and is gone.
+    UpgradeDone {
+        result: Result<super::upgrade::Handover, Error>,
     },
     /// Set the worker count (after the running rollout, if one runs).
     Scale {
@@ -251,6 +263,10 @@ pub(crate) struct Supervisor<P, W> {
     next_rollout: Option<(Duration, Vec<ReloadReply>)>,
     /// Scale requests that came during a rollout, combined: applied when it ends.
     pending_scale: Option<(Scale, Vec<ScaleReply<W>>)>,
+    /// The running upgrade: the new primary's pid, the grace, the callers.
+    upgrade: Option<(u32, Duration, Vec<UpgradeReply>)>,
+    /// The new primary serves: this one drains, and holds the status channel until it exits.
+    handover: Option<super::upgrade::Handover>,
     /// To hand a rollout the command queue without keeping the supervisor alive by it.
     myself: mpsc::WeakSender<Command<W>>,
 }
@@ -294,6 +310,8 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             rollout: None,
             next_rollout: None,
             pending_scale: None,
+            upgrade: None,
+            handover: None,
             myself,
         }
     }
@@ -365,6 +383,13 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             Command::Reload { grace, reply } => {
                 if self.closing {
                     let _ = reply.send(Err(super::rollout::cancelled()));
+                } else if let Some((pid, ..)) = &self.upgrade {
+                    let _ = reply.send(Err(Error::new(
+                        ErrorKind::InvalidState,
+                        format!(
+                            "reload refused: an upgrade to a new primary (pid {pid}) is running"
+                        ),
+                    )));
                 } else if self.rollout.is_some() {
                     let next = self.next_rollout.get_or_insert_with(|| (grace, Vec::new()));
                     next.0 = grace;
@@ -392,6 +417,17 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                     self.start_rollout(grace, replies);
                 }
             }
+            Command::Upgrade { grace, reply } => match self.start_upgrade(grace) {
+                Ok(()) => {
+                    if let Some((.., replies)) = &mut self.upgrade {
+                        replies.push(reply);
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Command::UpgradeDone { result } => self.upgrade_done(result),
             Command::Scale { to, reply } => {
                 if self.rollout.is_some() {
                     let (pending, mut replies) = self
@@ -525,6 +561,93 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             grace,
         };
         tokio::spawn(rollout.run());
+    }
+
+    /// Starts the binary at the primary's path as a new primary, with every listening socket.
+    fn start_upgrade(&mut self, grace: Duration) -> Result<(), Error> {
+        let refused =
+            |why: String| Error::new(ErrorKind::InvalidState, format!("upgrade refused: {why}"));
+        if let Some((pid, ..)) = &self.upgrade {
+            return Err(refused(format!(
+                "an upgrade is already running (new primary pid {pid})"
+            )));
+        }
+        if self.closing || self.stopping.is_some() {
+            return Err(refused("the cluster is shutting down".to_owned()));
+        }
+        if self.rollout.is_some() {
+            return Err(refused(
+                "a rolling reload is running; ask again once it is done".to_owned(),
+            ));
+        }
+        let Some(commands) = self.myself.upgrade() else {
+            return Err(refused("the cluster's supervisor is stopping".to_owned()));
+        };
+        let path = super::upgrade::binary(self.launcher.path())?;
+        let workers = self
+            .entries
+            .values()
+            .filter(|e| e.life().connected() && !e.worker.leaving())
+            .count();
+        // systemd's sockets first, in use or not, then the cluster's own.
+        let (mut sockets, ours): (Vec<_>, Vec<_>) =
+            self.servers.sockets().into_iter().partition(|(_, s)| *s);
+        let (spare_systemd, spare_ours): (Vec<_>, Vec<_>) = crate::systemd::unused()
+            .into_iter()
+            .partition(|(_, o)| *o == crate::systemd::Origin::Systemd);
+        sockets.extend(spare_systemd.into_iter().map(|(fd, _)| (fd, true)));
+        let from_systemd = sockets.len();
+        sockets.extend(ours);
+        sockets.extend(spare_ours.into_iter().map(|(fd, _)| (fd, false)));
+        let fds: Vec<_> = sockets.into_iter().map(|(fd, _)| fd).collect();
+        let started =
+            super::upgrade::spawn(&path, workers, self.servers.policy(), &fds, from_systemd)?;
+        // From now on two primaries serve these sockets: neither may stop them taking
+        // connections.
+        crate::systemd::lend(&fds);
+        crate::systemd::notify::reloading();
+        let pid = started.pid;
+        tracing::info!(
+            new_primary.pid = pid,
+            path = %path.display(),
+            sockets = fds.len(),
+            workers,
+            "upgrade: started the new primary"
+        );
+        tokio::spawn(async move {
+            let result = started.outcome(grace).await;
+            let _ = commands.send(Command::UpgradeDone { result }).await;
+        });
+        self.upgrade = Some((pid, grace, Vec::new()));
+        Ok(())
+    }
+
+    fn upgrade_done(&mut self, result: Result<super::upgrade::Handover, Error>) {
+        let Some((pid, grace, replies)) = self.upgrade.take() else {
+            return;
+        };
+        match result {
+            Ok(handover) => {
+                tracing::info!(
+                    new_primary.pid = pid,
+                    "upgrade: the new primary's workers are ready; this primary drains and exits"
+                );
+                crate::systemd::notify::hand_over(pid);
+                self.handover = Some(handover);
+                for reply in replies {
+                    let _ = reply.send(Ok(pid));
+                }
+                self.shutdown(grace, true, true, None);
+            }
+            Err(e) => {
+                crate::systemd::reclaim();
+                crate::systemd::notify::ready();
+                tracing::error!(new_primary.pid = pid, error = %e, "upgrade failed");
+                for reply in replies {
+                    let _ = reply.send(Err(Error::new(e.kind(), e.to_string())));
+                }
+            }
+        }
     }
 
     fn set_settings(&mut self, settings: Settings) {
@@ -1055,8 +1178,12 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         let Some(ids) = &self.awaiting_ready else {
             return;
         };
+        let mut gone = None;
         let ready = ids.iter().all(|id| match self.entries.get(id) {
-            None => true,
+            None => {
+                gone.get_or_insert(*id);
+                true
+            }
             Some(e) => match e.life() {
                 Life::Listening => true,
                 Life::Online => e
@@ -1068,6 +1195,10 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         if ready {
             self.awaiting_ready = None;
             crate::systemd::notify::ready();
+            // The new primary of an upgrade tells the old one.
+            super::upgrade::settled(
+                gone.map(|id| format!("its worker {id} exited before it was ready")),
+            );
         }
     }
 }

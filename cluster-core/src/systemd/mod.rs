@@ -4,7 +4,24 @@
 mod activation;
 pub(crate) mod notify;
 
-pub(crate) use activation::{is_inherited, release, take_inherited};
+pub(crate) use activation::{
+    Origin, from_systemd, lend, old_primary_gone, reclaim, release, shared_elsewhere,
+    take_inherited, unused,
+};
+
+/// Keeps the listening sockets an old primary handed over (a full upgrade): `fds` are
+/// descriptors `3..3 + n`; the first `from_systemd` of them came from systemd.
+pub(crate) fn adopt_upgrade(n: u32, from_systemd: u32) {
+    let (mut fds, stopped) = crate::sys::adopt_listen_fds(n);
+    if let Some(fd) = stopped {
+        eprintln!(
+            "cluster: the old primary handed over {n} sockets, but descriptor {fd} is not open"
+        );
+    }
+    let rest = fds.split_off((from_systemd as usize).min(fds.len()));
+    activation::adopt(fds, Origin::Systemd);
+    activation::adopt(rest, Origin::Upgrade);
+}
 
 /// Reads `NOTIFY_SOCKET`, `LISTEN_PID` and `LISTEN_FDS` in the primary and removes them from the
 /// environment, so workers neither notify nor claim the sockets.
@@ -42,7 +59,7 @@ pub(crate) unsafe fn take_from_env() {
                     fds.len()
                 );
             }
-            activation::adopt(fds);
+            activation::adopt(fds, Origin::Systemd);
         }
         _ => eprintln!("cluster: LISTEN_FDS={text:?} is not a descriptor count; ignored"),
     }

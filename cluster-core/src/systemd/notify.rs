@@ -1,6 +1,7 @@
 //! Readiness notifications (`NOTIFY_SOCKET`): `READY=1`, `RELOADING=1`, `STOPPING=1`.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 static NOTIFY: OnceLock<Option<std::ffi::OsString>> = OnceLock::new();
 
@@ -9,10 +10,22 @@ pub(super) fn set_socket(path: Option<std::ffi::OsString>) {
     let _ = NOTIFY.set(path);
 }
 
+/// This primary handed the service over to a new one (a full upgrade): it tells the service
+/// manager nothing more.
+static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+
+/// Where notifications go, for a new primary started by a full upgrade.
+pub(crate) fn socket() -> Option<std::ffi::OsString> {
+    NOTIFY.get().cloned().flatten()
+}
+
 fn send(state: &str) {
     let Some(Some(path)) = NOTIFY.get() else {
         return;
     };
+    if HANDED_OVER.load(Ordering::Relaxed) {
+        return;
+    }
     let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
         return;
     };
@@ -48,4 +61,12 @@ pub(crate) fn reloading() {
 /// `STOPPING=1`: shutdown has begun.
 pub(crate) fn stopping() {
     send("STOPPING=1");
+}
+
+/// `MAINPID=<pid>` and `READY=1`: a full upgrade is done, the new primary `pid` is the
+/// service's main process. Nothing more is sent from this one (it is not the main process
+/// any more: a `STOPPING=1` of its own would stop the service under `NotifyAccess=all`).
+pub(crate) fn hand_over(pid: u32) {
+    send(&format!("MAINPID={pid}\nREADY=1"));
+    HANDED_OVER.store(true, Ordering::Relaxed);
 }
