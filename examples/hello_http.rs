@@ -6,7 +6,9 @@
 //! ```
 //!
 //! A worker that dies unplanned is replaced. The primary obeys SIGTERM/SIGINT (graceful
-//! shutdown), SIGHUP (rolling reload), SIGTTIN/SIGTTOU (one worker more/fewer).
+//! shutdown), SIGHUP (rolling reload to the build at the binary's path), SIGUSR2 (full
+//! upgrade, the primary included), SIGTTIN/SIGTTOU (one worker more/fewer). A line on its
+//! stdin prints the workers' table.
 
 use std::time::Duration;
 
@@ -15,7 +17,7 @@ use http_body_util::Full;
 use hyper::Response;
 use hyper::body::Bytes;
 use hyper::header::HeaderValue;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing_subscriber::EnvFilter;
 
 #[cluster::main(workers = "auto")]
@@ -46,13 +48,18 @@ async fn main() -> anyhow::Result<()> {
         cluster.set_respawn(Some(RespawnPolicy::default())).await;
         cluster.set_heartbeat(Heartbeat::default()).await;
         cluster.handle_signals(grace)?;
-        // SIGUSR2 prints a table of the workers: pid, state, uptime, connections, messages.
-        let mut usr2 = signal(SignalKind::user_defined2())?;
+        // A line on stdin (`stats`, or just Enter in a terminal) prints a table of the workers:
+        // pid, state, uptime, connections, messages. (SIGUSR2 is the full upgrade.)
+        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+        let mut reading = true;
         loop {
             let event = tokio::select! {
                 event = cluster.next_event() => event,
-                _ = usr2.recv() => {
-                    print!("{}", cluster.stats());
+                line = stdin.next_line(), if reading => {
+                    match line {
+                        Ok(Some(_)) => print!("{}", cluster.stats()),
+                        _ => reading = false,
+                    }
                     continue;
                 }
             };

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,55 +19,18 @@ struct Counts {
     workers_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
-/// One request on `conn` (opening one if needed); returns whether the server closes after it.
+/// One request on `conn` (opening one if needed), counted.
 fn request(
     conn: &mut Option<BufReader<TcpStream>>,
     port: u16,
     counts: &Counts,
 ) -> Result<(), String> {
-    if conn.is_none() {
-        let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        *conn = Some(BufReader::new(s));
-    }
-    let r = conn.as_mut().unwrap();
-    r.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut status = String::new();
-    r.read_line(&mut status)
-        .map_err(|e| format!("read status: {e}"))?;
-    if !status.starts_with("HTTP/1.1 200") {
-        return Err(format!("bad status line {status:?}"));
-    }
-    let (mut len, mut close, mut worker) = (0usize, false, String::new());
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line)
-            .map_err(|e| format!("read header: {e}"))?;
-        let line = line.trim_end().to_ascii_lowercase();
-        if line.is_empty() {
-            break;
-        }
-        if let Some(v) = line.strip_prefix("content-length:") {
-            len = v.trim().parse().map_err(|_| "bad length".to_owned())?;
-        } else if line == "connection: close" {
-            close = true;
-        } else if let Some(v) = line.strip_prefix("x-worker-id:") {
-            worker = v.trim().to_owned();
-        }
-    }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body)
-        .map_err(|e| format!("read body: {e}"))?;
-    if body != b"hello world\n" {
-        return Err(format!("bad body {body:?}"));
+    let answer = common::http_get(conn, port)?;
+    if answer.body != b"hello world\n" {
+        return Err(format!("bad body {:?}", answer.body));
     }
     counts.ok.fetch_add(1, Ordering::Relaxed);
-    counts.workers_seen.lock().unwrap().insert(worker);
-    if close {
-        *conn = None;
-    }
+    counts.workers_seen.lock().unwrap().insert(answer.worker);
     Ok(())
 }
 
@@ -180,7 +143,7 @@ fn reload_under_load(policy: &str, n: u16) {
 fn hello_http_with_two_workers() -> (Proc, u16) {
     let port = common::free_low_port();
     let port_s = port.to_string();
-    let mut p = Proc::start(
+    let mut p = Proc::scripted(
         "hello_http",
         &[("PORT", port_s.as_str()), ("CLUSTER_WORKERS", "2")],
     );
@@ -206,9 +169,9 @@ fn children(pid: u32) -> usize {
         .count()
 }
 
-/// `N workers, M forked` from `cluster.stats()`, which `hello_http` prints on SIGUSR2.
+/// `N workers, M forked` from `cluster.stats()`, which `hello_http` prints for a line on stdin.
 fn stats(p: &mut Proc) -> (usize, usize) {
-    p.signal(Signal::SIGUSR2);
+    p.send("stats");
     let line = p.wait_for("stats", |l| {
         l.contains(" workers, ") && l.contains(" forked")
     });
@@ -344,7 +307,7 @@ fn a_reload_under_slow_clients_is_not_held_by_them() {
 
 /// The connections the primary handed the workers, from `cluster.stats()` (round-robin).
 fn stats_connections(p: &mut Proc) -> u64 {
-    p.signal(Signal::SIGUSR2);
+    p.send("stats");
     let head = p.wait_for("stats", |l| {
         l.contains(" workers, ") && l.contains(" forked")
     });

@@ -273,3 +273,60 @@ pub fn free_low_port() -> u16 {
         .expect("local addr")
         .port()
 }
+
+/// One HTTP/1.1 answer, as [`http_get`] read it.
+pub struct Answer {
+    pub body: Vec<u8>,
+    /// The `x-worker-id` header, if any.
+    pub worker: String,
+}
+
+/// One `GET /` on `conn` (opening a connection to `port` on 127.0.0.1 if there is none), read
+/// to the end of its body; the connection is dropped when the server says it closes. Errors
+/// name the step that failed.
+pub fn http_get(
+    conn: &mut Option<BufReader<std::net::TcpStream>>,
+    port: u16,
+) -> Result<Answer, String> {
+    use std::io::{Read, Write};
+    if conn.is_none() {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        *conn = Some(BufReader::new(s));
+    }
+    let r = conn.as_mut().unwrap();
+    r.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut status = String::new();
+    r.read_line(&mut status)
+        .map_err(|e| format!("read status: {e}"))?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(format!("bad status line {status:?}"));
+    }
+    let (mut len, mut close, mut worker) = (0usize, false, String::new());
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)
+            .map_err(|e| format!("read header: {e}"))?;
+        let line = line.trim_end().to_ascii_lowercase();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.strip_prefix("content-length:") {
+            len = v.trim().parse().map_err(|_| "bad length".to_owned())?;
+        } else if line == "connection: close" {
+            close = true;
+        } else if let Some(v) = line.strip_prefix("x-worker-id:") {
+            worker = v.trim().to_owned();
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)
+        .map_err(|e| format!("read body: {e}"))?;
+    if close {
+        *conn = None;
+    }
+    Ok(Answer { body, worker })
+}

@@ -1179,6 +1179,8 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             return;
         };
         let mut gone = None;
+        // The new primary of an upgrade whose old workers served sockets: its own must listen.
+        let must_listen = super::upgrade::must_listen();
         let ready = ids.iter().all(|id| match self.entries.get(id) {
             None => {
                 gone.get_or_insert(*id);
@@ -1186,9 +1188,11 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             }
             Some(e) => match e.life() {
                 Life::Listening => true,
-                Life::Online => e
-                    .online_at
-                    .is_some_and(|t| t.elapsed() > READY_WITHOUT_SERVER),
+                Life::Online => {
+                    !must_listen
+                        && e.online_at
+                            .is_some_and(|t| t.elapsed() > READY_WITHOUT_SERVER)
+                }
                 _ => false,
             },
         });

@@ -13,6 +13,7 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -31,6 +32,15 @@ const STOP_WITHIN: Duration = Duration::from_secs(5);
 
 /// In a new primary: the status channel to the old one, until the first workers settle.
 static STATUS: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
+/// In a new primary: the old one handed over listening sockets, so its workers served them;
+/// the new workers are ready only once they listen (not merely online).
+static MUST_LISTEN: AtomicBool = AtomicBool::new(false);
+
+/// Whether this primary's first workers are ready only once they listen (see [`MUST_LISTEN`]).
+pub(crate) fn must_listen() -> bool {
+    MUST_LISTEN.load(Ordering::Relaxed)
+}
 
 /// Reads and removes [`VAR`] in a primary; adopts the sockets and the status channel when the
 /// old primary it names is this process's parent.
@@ -60,6 +70,7 @@ pub(crate) unsafe fn take_from_env() {
         return;
     }
     crate::systemd::adopt_upgrade(n, from_systemd);
+    MUST_LISTEN.store(n > 0, Ordering::Relaxed);
     match sys::adopt_stream_fd(3 + n as RawFd) {
         Some(fd) => *STATUS.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd),
         None => eprintln!("cluster: the old primary's status channel is not open"),
