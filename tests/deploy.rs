@@ -557,3 +557,54 @@ fn the_new_primary_is_announced_to_the_service_manager() {
     signal(new, Signal::SIGTERM);
     assert_eq!(reap(new), Some(0));
 }
+
+/// A Unix socket goes over too: its file stays in place through the switch (neither primary
+/// unlinks a socket the other serves), a client connecting in a loop is never refused, and the
+/// new primary's workers answer on it.
+#[test]
+fn a_full_upgrade_keeps_a_unix_socket_serving() {
+    let d = Deploy::new("unix");
+    let path = d.dir.join("app.sock");
+    let mut c = d.start("round-robin", &[("UNIX_PATH", path.to_str().unwrap())]);
+    let old = c.p.pid();
+    let ask = |path: &std::path::Path| -> Result<String, String> {
+        use std::io::Read;
+        let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut line = Vec::new();
+        s.read_to_end(&mut line).map_err(|e| e.to_string())?;
+        Ok(who(&line))
+    };
+    assert_eq!(ask(&path), Ok(format!("v1@{old}")));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (stop, path) = (stop.clone(), path.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match ask(&path) {
+                    Ok(w) if !w.starts_with("bad") => ok += 1,
+                    Ok(w) => failed.push(w),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    d.install("v2:a:serve");
+    c.p.signal(Signal::SIGUSR2);
+    let new = c.new_primary("v2");
+    listening(&mut c.p, new, 2);
+    assert!(c.p.wait_exit().success());
+    assert!(path.exists(), "the socket file is still there");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = client.join().unwrap();
+    eprintln!("unix socket through an upgrade: {ok} answers, failures {failed:?}");
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 20, "too few answers: {ok}");
+    assert_eq!(ask(&path), Ok(format!("v2@{new}")));
+    signal(new, Signal::SIGTERM);
+    assert_eq!(reap(new), Some(0));
+    assert!(!path.exists(), "the last primary removes the socket file");
+}

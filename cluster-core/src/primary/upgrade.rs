@@ -54,12 +54,7 @@ pub(crate) unsafe fn take_from_env() {
     // SAFETY: the caller guarantees a single thread.
     unsafe { sys::remove_env(VAR) };
     let text = text.to_string_lossy();
-    let parsed: Option<(u32, u32, u32)> = (|| {
-        let mut it = text.split(',').map(|t| t.trim().parse::<u32>().ok());
-        let v = (it.next()??, it.next()??, it.next()??);
-        it.next().is_none().then_some(v)
-    })();
-    let Some((old, n, from_systemd)) = parsed.filter(|(_, n, _)| *n <= 1 << 16) else {
+    let Some((old, n, from_systemd)) = parse(&text) else {
         eprintln!("cluster: {VAR}={text:?} is not `<pid>,<sockets>,<from systemd>`; ignored");
         return;
     };
@@ -75,6 +70,14 @@ pub(crate) unsafe fn take_from_env() {
         Some(fd) => *STATUS.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd),
         None => eprintln!("cluster: the old primary's status channel is not open"),
     }
+}
+
+/// `<old pid>,<sockets>,<from systemd>`, within bounds: at most 65536 sockets, of which those
+/// from systemd are a part.
+fn parse(text: &str) -> Option<(u32, u32, u32)> {
+    let mut it = text.split(',').map(|t| t.trim().parse::<u32>().ok());
+    let v = (it.next()??, it.next()??, it.next()??);
+    (it.next().is_none() && v.1 <= 1 << 16 && v.2 <= v.1).then_some(v)
 }
 
 /// In a new primary: its first workers are settled; `failed` says why they do not all serve.
@@ -273,4 +276,26 @@ pub(crate) fn binary(path: Option<&PathBuf>) -> Result<PathBuf, Error> {
         )
     })?;
     Ok(path.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn the_variable_names_a_pid_a_socket_count_and_those_from_systemd() {
+        assert_eq!(parse("123,4,1"), Some((123, 4, 1)));
+        assert_eq!(parse(" 7 , 0 , 0 "), Some((7, 0, 0)));
+        for bad in [
+            "",
+            "1,2",
+            "1,2,3,4",
+            "a,1,0",
+            "1,-1,0",
+            "1,2,3",
+            "1,70000,0",
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
 }
