@@ -17,7 +17,6 @@ use http_body_util::Full;
 use hyper::Response;
 use hyper::body::Bytes;
 use hyper::header::HeaderValue;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing_subscriber::EnvFilter;
 
 #[cluster::main(workers = "auto")]
@@ -50,15 +49,24 @@ async fn main() -> anyhow::Result<()> {
         cluster.handle_signals(grace)?;
         // A line on stdin (`stats`, or just Enter in a terminal) prints a table of the workers:
         // pid, state, uptime, connections, messages. (SIGUSR2 is the full upgrade.)
-        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+        // A thread of its own reads stdin: a read that never returns must not hold the exit
+        // (tokio's `stdin()` would, at the runtime's shutdown).
+        let (line_tx, mut lines) = tokio::sync::mpsc::channel::<()>(1);
+        std::thread::spawn(move || {
+            for _ in std::io::stdin().lines().map_while(Result::ok) {
+                if line_tx.blocking_send(()).is_err() {
+                    break;
+                }
+            }
+        });
         let mut reading = true;
         loop {
             let event = tokio::select! {
                 event = cluster.next_event() => event,
-                line = stdin.next_line(), if reading => {
+                line = lines.recv(), if reading => {
                     match line {
-                        Ok(Some(_)) => print!("{}", cluster.stats()),
-                        _ => reading = false,
+                        Some(()) => print!("{}", cluster.stats()),
+                        None => reading = false,
                     }
                     continue;
                 }

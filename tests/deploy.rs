@@ -73,7 +73,7 @@ impl Deploy {
             .env("CLUSTER_SCHED_POLICY", policy)
             .envs(env.iter().copied())
             .env_remove("CLUSTER_WORKER_ID")
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut p = Proc::spawn(cmd);
@@ -607,4 +607,41 @@ fn a_full_upgrade_keeps_a_unix_socket_serving() {
     signal(new, Signal::SIGTERM);
     assert_eq!(reap(new), Some(0));
     assert!(!path.exists(), "the last primary removes the socket file");
+}
+
+/// `Primary::upgrade` answers its caller: the new primary's pid, or the failure (and then the
+/// old cluster serves on).
+#[test]
+fn the_upgrade_api_returns_the_new_primary_or_the_failure() {
+    let d = Deploy::new("api");
+    let mut c = d.start("shared", &[]);
+    let old = c.p.pid();
+    d.install("v2:a:exit_");
+    c.p.send("upgrade");
+    let answer = c.p.wait_for("the API's answer", |l| {
+        l.starts_with(&format!("{old} upgrade"))
+    });
+    assert!(
+        answer.starts_with(&format!(
+            "{old} upgrade failed Upgrade upgrade failed: the new primary"
+        )) && answer.contains("exited with status 3"),
+        "{answer}"
+    );
+    assert_eq!(c.answers(5), BTreeSet::from([format!("v1@{old}")]));
+
+    d.install("v2:a:serve");
+    c.p.send("upgrade");
+    let answer = c.p.wait_for("the API's answer", |l| {
+        l.starts_with(&format!("{old} upgrade"))
+    });
+    let new: u32 = answer
+        .strip_prefix(&format!("{old} upgraded "))
+        .unwrap_or_else(|| panic!("{answer}"))
+        .parse()
+        .unwrap();
+    c.reap.0.push(new);
+    assert!(c.p.wait_exit().success());
+    assert_eq!(c.answers(5), BTreeSet::from([format!("v2@{new}")]));
+    signal(new, Signal::SIGTERM);
+    assert_eq!(reap(new), Some(0));
 }
