@@ -204,7 +204,7 @@ fn a_worker_with_other_message_types_is_refused_at_the_handshake() {
     });
     p.seen_or_wait("exit", |l| l.starts_with("event exit id=2 status=1"));
     assert!(
-        p.stderr().contains("refused by the primary"),
+        p.stderr_says("refused by the primary"),
         "stderr: {}",
         p.stderr()
     );

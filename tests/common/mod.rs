@@ -168,6 +168,18 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Whether stderr holds `text` within `WAIT` (its reader thread may lag stdout's).
+    pub fn stderr_says(&self, text: &str) -> bool {
+        let deadline = Instant::now() + WAIT;
+        while !self.stderr().contains(text) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     /// Waits for the process to exit, within `WAIT`; returns its status.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + WAIT;
