@@ -205,7 +205,11 @@ impl Drop for Reap {
 
 /// Asserts that the program's stderr says `text` (within `WAIT`).
 fn stderr_says(p: &Proc, text: &str) {
-    assert!(p.stderr_says(text), "stderr never said {text:?}: {}", p.stderr());
+    assert!(
+        p.stderr_says(text),
+        "stderr never said {text:?}: {}",
+        p.stderr()
+    );
 }
 
 fn signal(pid: u32, sig: Signal) {
