@@ -57,10 +57,10 @@ compile_error!(
 extern crate self as cluster;
 
 pub use cluster_core::{
-    Config, Context, Error, ErrorKind, Event, ExitStatus, Flavor, Heartbeat, Message, Outcome,
-    ParseSchedulingPolicyError, ParseSignalError, ParseWorkersError, Primary, RespawnPolicy,
-    SchedulingPolicy, Settings, Signal, Stats, WORKER_ID_VAR, Worker, WorkerRef, WorkerState,
-    WorkerStats, Workers, is_primary, is_worker, run, worker_id,
+    BindPolicy, Config, Context, Error, ErrorKind, Event, ExitStatus, Flavor, Heartbeat, Message,
+    Outcome, ParseSchedulingPolicyError, ParseSignalError, ParseWorkersError, Primary,
+    RespawnPolicy, SchedulingPolicy, Settings, Signal, Stats, WORKER_ID_VAR, Worker, WorkerRef,
+    WorkerState, WorkerStats, Workers, is_primary, is_worker, run, worker_id,
 };
 
 /// Turns `async fn main` into a cluster: a primary that forks workers, and the workers.

@@ -747,3 +747,183 @@ fn a_worker_out_of_descriptors_backs_off_then_serves_what_waited() {
     assert_eq!(ask(addr), 1);
     fx.quit();
 }
+
+// A worker is untrusted input: what it may ask the primary to listen on, and which files the
+// primary removes for it.
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The lowest port an unprivileged user may bind.
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+fn chown_nobody(path: &std::path::Path) {
+    std::os::unix::fs::chown(path, Some(65534), Some(65534)).expect("chown to nobody");
+}
+
+/// Waits until `path` is gone, within `WAIT`.
+fn wait_removed(path: &std::path::Path) {
+    let deadline = Instant::now() + WAIT;
+    while path.exists() {
+        assert!(Instant::now() < deadline, "{} still exists", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A worker running as `nobody` swaps the directory of its socket for a symlink to a directory
+/// only root may touch, then closes its listener: the root primary removes the socket it
+/// created, and not the file the symlink now leads to.
+#[test]
+fn a_swapped_directory_cannot_make_the_primary_remove_another_file() {
+    if !is_root() {
+        eprintln!("skipped: running a worker as nobody needs root");
+        return;
+    }
+    let dir = TempDir::new("swap");
+    let base = dir.0.join("base");
+    let own = base.join("own");
+    std::fs::create_dir_all(&own).unwrap();
+    chown_nobody(&base);
+    chown_nobody(&own);
+    let victim = dir.0.join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::write(victim.join("sock"), "precious").unwrap();
+
+    let mut fx = Fixture::start(
+        1,
+        "round-robin",
+        &[("ADDR", "none"), ("WORKER_UID", "65534")],
+    );
+    fx.expect("online 1");
+    let sock = own.join("sock");
+    fx.send(&format!("listen 1 unix:{}", sock.display()));
+    assert_eq!(fx.expect("listening 1"), sock.display().to_string());
+    fx.send(&format!("swap 1 {}={}", own.display(), victim.display()));
+    assert_eq!(fx.expect("swapped 1"), "Ok(())");
+    fx.send("close 1");
+    fx.expect("closed 1");
+    // The primary removes the socket it created, now under `own.old`, and nothing else.
+    wait_removed(&base.join("own.old").join("sock"));
+    assert_eq!(
+        std::fs::read_to_string(victim.join("sock")).unwrap(),
+        "precious",
+        "the file behind the symlink is intact"
+    );
+    fx.quit();
+}
+
+/// A socket file left by a process that died is replaced; a file that is not a socket, or a
+/// socket another process listens on, stays and the bind fails with `AddrInUse`.
+#[test]
+fn a_stale_socket_file_is_replaced_and_any_other_file_stays() {
+    let dir = TempDir::new("stale");
+    let stale = dir.0.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists(), "a stale socket file");
+    let plain = dir.0.join("plain.sock");
+    std::fs::write(&plain, "data").unwrap();
+    let busy = dir.0.join("busy.sock");
+    let held = std::os::unix::net::UnixListener::bind(&busy).unwrap();
+
+    let mut fx = Fixture::start(1, "round-robin", &[("ADDR", "none")]);
+    fx.expect("online 1");
+    fx.send(&format!("listen 1 unix:{}", stale.display()));
+    assert_eq!(fx.expect("listening 1"), stale.display().to_string());
+    let s = std::os::unix::net::UnixStream::connect(&stale).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(answer(s), 1);
+
+    fx.send(&format!("listen 1 unix:{}", plain.display()));
+    let e = fx.expect("bind-error 1");
+    assert!(
+        e.starts_with("AddrInUse") && e.contains("not a socket"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "data");
+
+    fx.send(&format!("listen 1 unix:{}", busy.display()));
+    let e = fx.expect("bind-error 1");
+    assert!(
+        e.starts_with("AddrInUse") && e.contains("another process listens"),
+        "{e}"
+    );
+    let _c = std::os::unix::net::UnixStream::connect(&busy).unwrap();
+    held.accept()
+        .expect("the other process still has its socket");
+    fx.quit();
+}
+
+/// One worker that binds in a loop is refused past the per-worker limit (64 servers by
+/// default); the primary's descriptors stay bounded and the other workers keep serving.
+#[test]
+fn binds_past_the_limit_are_refused_and_the_other_workers_serve() {
+    let mut fx = Fixture::start(2, "round-robin", &[]);
+    let addr = sock(&fx.shared_addr(2));
+    let before = open_fds(fx.pid());
+    fx.send("binds 1 5000");
+    let got = fx.expect("binds 1");
+    let (ok, error) = got.split_once(' ').unwrap();
+    assert_eq!(ok, "63", "64 servers, the first included: {got}");
+    assert!(
+        error.starts_with("Other") && error.contains("already has 64 servers open"),
+        "{error}"
+    );
+    let after = open_fds(fx.pid());
+    assert!(
+        after <= before + 2 * 63 + 8,
+        "the primary went from {before} to {after} descriptors"
+    );
+    let mut served = BTreeMap::<u32, usize>::new();
+    for _ in 0..10 {
+        *served.entry(ask(addr)).or_default() += 1;
+    }
+    assert_eq!(served.len(), 2, "both workers serve: {served:?}");
+    // Refusals are events, up to a bound.
+    let events = fx
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("error worker 1: worker 1 asked the primary"))
+        .count();
+    assert!((1..=8).contains(&events), "{events} refusal events");
+    fx.quit();
+}
+
+/// A worker running as `nobody` may not borrow the root primary's privilege: port 81 is
+/// refused by default, and served once the bind policy allows it.
+#[test]
+fn a_worker_under_another_uid_gets_a_privileged_port_only_when_allowed() {
+    if !is_root() || unprivileged_port_start() <= 81 {
+        eprintln!("skipped: needs root, and port 81 privileged");
+        return;
+    }
+    let env = [("ADDR", "none"), ("WORKER_UID", "65534")];
+    let mut fx = Fixture::start(1, "round-robin", &env);
+    fx.expect("online 1");
+    fx.send("listen 1 127.0.0.1:81");
+    let e = fx.expect("bind-error 1");
+    assert!(
+        e.starts_with("PermissionDenied") && e.contains("port 81 is privileged"),
+        "{e}"
+    );
+    let event = fx.expect("error worker 1:");
+    assert!(
+        event.contains("127.0.0.1:81") && event.contains("refused"),
+        "{event}"
+    );
+    fx.quit();
+
+    let allowed = [env[0], env[1], ("BIND_PORTS", "81-81")];
+    let mut fx = Fixture::start(1, "round-robin", &allowed);
+    fx.expect("online 1");
+    fx.send("listen 1 127.0.0.1:81");
+    assert_eq!(fx.expect("listening 1"), "127.0.0.1:81");
+    assert_eq!(ask(sock("127.0.0.1:81")), 1);
+    fx.quit();
+}

@@ -269,6 +269,47 @@ pub struct Settings {
     pub uid: Option<u32>,
     /// Group id to run the worker as; with it, the worker has no supplementary groups.
     pub gid: Option<u32>,
+    /// What the worker may ask the primary to listen on for it.
+    pub bind: BindPolicy,
+}
+
+/// What a worker may ask the primary to listen on: the primary binds every shared server, often
+/// as root (port 80) for workers that run as another user, so a worker's request is checked
+/// against this before anything is bound. A refused request fails the worker's `bind` with a
+/// clear error (`PermissionDenied`, or `Other` past [`max_servers`](Self::max_servers)) and is
+/// an `Event::Error` naming the worker.
+///
+/// The defaults keep what a worker could do by itself: a worker running as the primary's user
+/// may ask for anything the primary can bind; a worker running as another user (`uid`) is
+/// refused ports below the kernel's `ip_unprivileged_port_start` (1024 unless changed) and Unix
+/// sockets in directories its user and groups cannot write, unless [`ports`](Self::ports) or
+/// [`unix_dirs`](Self::unix_dirs) allow them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BindPolicy {
+    /// Most servers (listeners and UDP sockets) one worker may have open at once (default 64).
+    pub max_servers: usize,
+    /// The IP addresses a worker may listen on; `None` (the default): any.
+    pub addresses: Option<Vec<std::net::IpAddr>>,
+    /// The ports a worker may listen on, privileged ones included; `None` (the default): any
+    /// port the worker could bind itself (see above). Port 0 (the kernel's choice) is always
+    /// allowed.
+    pub ports: Option<Vec<std::ops::RangeInclusive<u16>>>,
+    /// The directories a worker may create Unix sockets in (the directories themselves, not
+    /// what is below them); `None` (the default): any directory the worker could create one in
+    /// itself (see above).
+    pub unix_dirs: Option<Vec<PathBuf>>,
+}
+
+impl Default for BindPolicy {
+    fn default() -> Self {
+        BindPolicy {
+            max_servers: 64,
+            addresses: None,
+            ports: None,
+            unix_dirs: None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -53,8 +53,8 @@ mod wire;
 mod worker;
 
 pub use config::{
-    Config, Flavor, Heartbeat, ParseSchedulingPolicyError, ParseWorkersError, RespawnPolicy,
-    SchedulingPolicy, Settings, Workers,
+    BindPolicy, Config, Flavor, Heartbeat, ParseSchedulingPolicyError, ParseWorkersError,
+    RespawnPolicy, SchedulingPolicy, Settings, Workers,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use event::{ExitStatus, WorkerState};

@@ -80,6 +80,195 @@ pub(crate) fn bind(addr: &BindAddr, reuseport: bool) -> io::Result<(OwnedFd, Bin
     Ok((fd, bound))
 }
 
+/// A Unix socket file the primary created: removed only if it is still that file, through a
+/// handle on the directory it was created in (so a directory swapped for a symlink since cannot
+/// redirect the removal).
+#[derive(Debug)]
+pub(crate) struct UnixFile {
+    dir: OwnedFd,
+    name: std::ffi::OsString,
+    id: (u64, u64),
+    path: std::path::PathBuf,
+}
+
+impl UnixFile {
+    /// The socket file at `path` as it is now (a socket handed over by another process).
+    pub(crate) fn at(path: &std::path::Path) -> io::Result<UnixFile> {
+        let (dir, name) = open_parent(path)?;
+        let id = identity_at(&dir, &name)?;
+        Ok(UnixFile {
+            dir,
+            name,
+            id,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The directory the socket is in.
+    pub(crate) fn dir(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.dir)
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Removes the socket file, if the name in its directory still is this socket.
+    pub(crate) fn remove(&self) {
+        if identity_at(&self.dir, &self.name).ok() == Some(self.id) {
+            let _ = nix::unistd::unlinkat(
+                Some(std::os::fd::AsRawFd::as_raw_fd(&self.dir)),
+                self.name.as_os_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
+}
+
+/// A handle on the directory of `path` (following links as the path does now) and the name in
+/// it.
+fn open_parent(path: &std::path::Path) -> io::Result<(OwnedFd, std::ffi::OsString)> {
+    use nix::fcntl::{OFlag, open};
+    let name = path
+        .file_name()
+        .filter(|n| *n != "..")
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("`{}` names no socket file", path.display()),
+            )
+        })?
+        .to_owned();
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let raw = open(parent, flags, nix::sys::stat::Mode::empty()).map_err(io::Error::from)?;
+    // SAFETY: `open` just returned this descriptor; nobody else owns it.
+    let dir = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+    Ok((dir, name))
+}
+
+/// Device and inode of `name` in `dir`, not following a link.
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "`st_dev` is not `u64` on every Unix"
+)]
+fn identity_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<(u64, u64)> {
+    let st = nix::sys::stat::fstatat(
+        Some(std::os::fd::AsRawFd::as_raw_fd(dir)),
+        name,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(io::Error::from)?;
+    if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFSOCK {
+        return Err(io::Error::from_raw_os_error(nix::libc::ENOTSOCK));
+    }
+    Ok((st.st_dev as u64, st.st_ino as u64))
+}
+
+/// The path through which to name `name` in `dir`: the directory's handle itself where the
+/// kernel offers one (`/proc/self/fd`), so the directory checked is the one used, whatever
+/// happens to the path meanwhile (and a long directory path stays within the 108 bytes of a
+/// socket address); elsewhere the path.
+fn via(dir: &OwnedFd, name: &std::ffi::OsStr, path: &std::path::Path) -> std::path::PathBuf {
+    if cfg!(any(target_os = "linux", target_os = "android")) {
+        std::path::PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(dir)
+        ))
+        .join(name)
+    } else {
+        path.to_owned()
+    }
+}
+
+/// Binds and listens on a Unix socket at `path`, after `check` accepted its directory. A stale
+/// socket file there (nobody listens: connecting is refused) is replaced; any other file, or a
+/// socket something listens on, is `AddrInUse` and stays.
+pub(crate) fn bind_unix(
+    path: &std::path::Path,
+    check: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<()>,
+) -> io::Result<(OwnedFd, UnixFile)> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind as nbind, listen, socket,
+    };
+    let (dir, name) = open_parent(path)?;
+    check(std::os::fd::AsFd::as_fd(&dir))?;
+    let at = via(&dir, &name, path);
+    let addr = UnixAddr::new(at.as_path()).map_err(io::Error::from)?;
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    let fd = {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .map_err(io::Error::from)?;
+        crate::sys::set_cloexec_nonblock(&fd, true);
+        fd
+    };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    match nbind(raw, &addr) {
+        Ok(()) => {}
+        Err(nix::Error::EADDRINUSE) => {
+            let in_use = |why: &str| {
+                io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("`{}` is in use: {why}", path.display()),
+                )
+            };
+            match identity_at(&dir, &name) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOTSOCK) => {
+                    return Err(in_use("a file that is not a socket is there (not removed)"));
+                }
+                Err(e) => return Err(e),
+            }
+            match std::os::unix::net::UnixStream::connect(&at) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::ECONNREFUSED) => {
+                    // Left by a process that died: nobody listens on it.
+                    nix::unistd::unlinkat(
+                        Some(std::os::fd::AsRawFd::as_raw_fd(&dir)),
+                        name.as_os_str(),
+                        nix::unistd::UnlinkatFlags::NoRemoveDir,
+                    )
+                    .map_err(io::Error::from)?;
+                    nbind(raw, &addr).map_err(io::Error::from)?;
+                }
+                Ok(_) => return Err(in_use("another process listens on it")),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let id = identity_at(&dir, &name)?;
+    let file = UnixFile {
+        dir,
+        name,
+        id,
+        path: path.to_owned(),
+    };
+    if let Err(e) = listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN)) {
+        file.remove();
+        return Err(e.into());
+    }
+    Ok((fd, file))
+}
+
 /// The address a socket is bound to, in the form of `like`.
 pub(crate) fn local_addr(fd: &OwnedFd, like: &BindAddr) -> io::Result<BindAddr> {
     use nix::sys::socket::{SockaddrStorage, getsockname};

@@ -4,6 +4,7 @@
 
 mod reuseport;
 mod round_robin;
+mod rules;
 
 use std::collections::HashMap;
 use std::io;
@@ -19,6 +20,7 @@ use crate::wire::{BindAddr, Control, Grant, Wire};
 
 use reuseport::Slots;
 use round_robin::RoundRobin;
+pub(crate) use rules::BindRules;
 
 type KeyId = (BindAddr, u32);
 
@@ -38,6 +40,8 @@ struct State {
 
 struct Key {
     bound: BindAddr,
+    /// The socket file of a Unix key, which the primary removes when the key closes.
+    unix: Option<socket::UnixFile>,
     kind: KeyKind,
     /// Its sockets drop new connection requests: everyone serving them is leaving (see
     /// [`Servers::before_leave`]). A worker that joins takes them again.
@@ -101,28 +105,39 @@ impl Servers {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Handles a server-related control message from worker `id`; whether it granted a server.
+    /// Handles a server-related control message from worker `id`, whose requests `rules`
+    /// judge.
     pub(crate) fn handle(
         self: &Arc<Self>,
         id: u32,
         outbox: &Arc<Outbox>,
         c: Control,
         _fds: Vec<OwnedFd>,
-    ) -> bool {
+        rules: &BindRules,
+    ) -> Handled {
         match c {
             Control::QueryServer {
                 req, addr, index, ..
             } => {
-                let (result, fds) = match self.query(id, outbox, &addr, index) {
+                let mut refused = None;
+                let (result, fds) = match self.query(id, outbox, &addr, index, rules) {
                     Ok((grant, bound, fds)) => (Ok((grant, bound)), fds),
-                    Err(e) => (Err((e.raw_os_error().unwrap_or(0), e.to_string())), vec![]),
+                    Err(e) => {
+                        if rules::is_denied(&e) {
+                            refused = Some(format!("{e}"));
+                        }
+                        (Err(rules::describe(&e)), vec![])
+                    }
                 };
                 let granted = result.is_ok();
                 let _ = outbox.send(
                     &Wire::<()>::Control(Control::ServerReply { req, result }),
                     fds,
                 );
-                return granted;
+                return Handled {
+                    granted,
+                    refused: refused.map(|why| (addr, why)),
+                };
             }
             Control::Accepted { server, n } => {
                 if let Some(rr) = self.round_robin(server) {
@@ -139,7 +154,7 @@ impl Servers {
             Control::CloseServer { addr, index } => self.leave(id, &(addr, index)),
             _ => {}
         }
-        false
+        Handled::default()
     }
 
     fn round_robin(&self, server: u32) -> Option<Arc<RoundRobin>> {
@@ -170,9 +185,18 @@ impl Servers {
         outbox: &Arc<Outbox>,
         addr: &BindAddr,
         index: u32,
+        rules: &BindRules,
     ) -> io::Result<(Grant, BindAddr, Vec<OwnedFd>)> {
+        rules.check_addr(addr)?;
         let mut st = self.lock();
         let key: KeyId = (addr.clone(), index);
+        let joins = !st.keys.get(&key).is_some_and(|k| k.kind.has(id));
+        if joins && st.keys.values().filter(|k| k.kind.has(id)).count() >= rules.max_servers() {
+            return Err(rules::too_many(id, rules.max_servers()));
+        }
+        if let Some(unix) = st.keys.get(&key).and_then(|k| k.unix.as_ref()) {
+            rules.check_dir(unix.dir(), unix.path())?;
+        }
         let configured = self.policy();
         let policy = match addr {
             // Datagrams have no connections to hand out: always the shared socket, as in Node.
@@ -190,28 +214,31 @@ impl Servers {
         if !st.keys.contains_key(&key) {
             let next = st.next_server;
             st.next_server += 1;
-            let (bound, kind) = match policy {
+            let (bound, unix, kind) = match policy {
                 SchedulingPolicy::RoundRobin => {
-                    let (fd, bound) = bind(addr, false)?;
-                    (bound, KeyKind::RoundRobin(RoundRobin::start(next, fd)?))
+                    let (fd, bound, unix) = bind(addr, false, rules)?;
+                    let rr = RoundRobin::start(next, fd);
+                    let rr = rr.inspect_err(|_| unix.iter().for_each(socket::UnixFile::remove))?;
+                    (bound, unix, KeyKind::RoundRobin(rr))
                 }
                 SchedulingPolicy::Shared => {
-                    let (fd, bound) = bind(addr, false)?;
+                    let (fd, bound, unix) = bind(addr, false, rules)?;
                     let members = Vec::new();
-                    (bound, KeyKind::Shared { fd, members })
+                    (bound, unix, KeyKind::Shared { fd, members })
                 }
                 SchedulingPolicy::ReusePort => {
-                    let (fd, bound) = bind(addr, true)?;
+                    let (fd, bound, unix) = bind(addr, true, rules)?;
                     let slot = st.slots.of(id);
                     let sockets = HashMap::from([(slot, fd)]);
                     let members = Vec::new();
-                    (bound, KeyKind::ReusePort { sockets, members })
+                    (bound, unix, KeyKind::ReusePort { sockets, members })
                 }
             };
             st.keys.insert(
                 key.clone(),
                 Key {
                     bound,
+                    unix,
                     kind,
                     refusing: false,
                 },
@@ -239,7 +266,7 @@ impl Servers {
                 let slot = slots.of(id);
                 if let std::collections::hash_map::Entry::Vacant(e) = sockets.entry(slot) {
                     // Same address and port as the first slot, so port 0 is shared too.
-                    let (fd, _) = bind(&bound, true)?;
+                    let (fd, _, _) = bind(&bound, true, rules)?;
                     e.insert(fd);
                 }
                 let fd = sockets[&slot].try_clone()?;
@@ -416,12 +443,34 @@ fn is_tcp(addr: &BindAddr) -> bool {
 
 /// A socket for `addr`: one the primary was handed (systemd's socket activation, or the old
 /// primary of an upgrade) when one fits, else a new one.
-fn bind(addr: &BindAddr, reuseport: bool) -> io::Result<(OwnedFd, BindAddr)> {
+/// A Unix socket's file is recorded for its removal (see [`socket::UnixFile`]); its directory
+/// must pass `rules`.
+fn bind(
+    addr: &BindAddr,
+    reuseport: bool,
+    rules: &BindRules,
+) -> io::Result<(OwnedFd, BindAddr, Option<socket::UnixFile>)> {
     if let Some(fd) = systemd::take_inherited(addr, reuseport) {
-        let bound = socket::local_addr(&fd, addr)?;
-        return Ok((fd, bound));
+        let checked = match addr {
+            BindAddr::Unix(path) => socket::UnixFile::at(path)
+                .and_then(|f| rules.check_dir(f.dir(), path).map(|()| Some(f))),
+            _ => Ok(None),
+        };
+        let bound = checked.and_then(|unix| Ok((socket::local_addr(&fd, addr)?, unix)));
+        return match bound {
+            Ok((bound, unix)) => Ok((fd, bound, unix)),
+            Err(e) => {
+                systemd::release(fd.as_fd());
+                Err(e)
+            }
+        };
     }
-    socket::bind(addr, reuseport)
+    if let BindAddr::Unix(path) = addr {
+        let (fd, unix) = socket::bind_unix(path, |dir| rules.check_dir(dir, path))?;
+        return Ok((fd, addr.clone(), Some(unix)));
+    }
+    let (fd, bound) = socket::bind(addr, reuseport)?;
+    Ok((fd, bound, None))
 }
 
 fn close_key(k: Key) {
@@ -438,11 +487,20 @@ fn close_key(k: Key) {
         KeyKind::Shared { fd, .. } => systemd::release(fd.as_fd()),
         KeyKind::ReusePort { .. } => {}
     }
-    if let BindAddr::Unix(path) = &k.bound {
+    if let Some(unix) = &k.unix {
         if !shared {
-            let _ = std::fs::remove_file(path);
+            unix.remove();
         }
     }
+}
+
+/// What [`Servers::handle`] did with a control message.
+#[derive(Debug, Default)]
+pub(crate) struct Handled {
+    /// It granted a server.
+    pub(crate) granted: bool,
+    /// The bind policy refused the address asked for: which, and why.
+    pub(crate) refused: Option<(BindAddr, String)>,
 }
 
 fn fixed_port(addr: &BindAddr) -> bool {

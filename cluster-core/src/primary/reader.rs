@@ -24,6 +24,10 @@ const BATCH: usize = 1024;
 /// The most of a worker's last words (`Fatal`) the primary keeps.
 const FATAL_MAX: usize = 4096;
 
+/// How many refused binds of one worker become `Error` events (then one that says no more
+/// will): each is a clear error to the worker itself anyway.
+const REFUSALS_REPORTED: usize = 8;
+
 /// What a reader tells the supervisor.
 #[derive(Debug)]
 pub(crate) enum Report {
@@ -54,6 +58,8 @@ pub(crate) struct ReaderTask<P, W> {
     pub(crate) events: EventTx<P, W>,
     pub(crate) reports: mpsc::Sender<Report>,
     pub(crate) servers: Arc<Servers>,
+    /// What this worker may ask the primary to listen on.
+    pub(crate) rules: Arc<crate::dispatch::BindRules>,
     pub(crate) fingerprint: u64,
     /// This worker's budget of unread message bytes, of `limit` bytes.
     pub(crate) budget: Arc<Semaphore>,
@@ -87,6 +93,7 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
         // What a worker may say once, and how many servers it may say it listens on.
         let (mut said_fatal, mut said_leaving) = (false, false);
         let (mut granted, mut listened) = (0usize, 0usize);
+        let mut refusals = 0usize;
         let mut batch: Vec<Event<P, W>> = Vec::new();
         let mut cost = 0;
         let (budget, limit) = (self.budget.clone(), self.limit);
@@ -218,8 +225,30 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
                                 .conns
                                 .fetch_add(u64::from(*n), Ordering::Relaxed);
                         }
-                        if self.servers.handle(id, outbox, other, fds) {
+                        let handled = self.servers.handle(id, outbox, other, fds, &self.rules);
+                        if handled.granted {
                             granted += 1;
+                        }
+                        if let Some((addr, why)) = handled.refused {
+                            // Reported, up to a bound: a worker looping on a refused bind
+                            // must not flood the event queue.
+                            refusals += 1;
+                            let message = match refusals {
+                                ..=REFUSALS_REPORTED => format!(
+                                    "worker {id} asked the primary to listen on {}: refused: {why}",
+                                    addr
+                                ),
+                                _ if refusals == REFUSALS_REPORTED + 1 => format!(
+                                    "worker {id}: more binds refused; no more are reported for it"
+                                ),
+                                _ => String::new(),
+                            };
+                            if !message.is_empty() {
+                                self.events.emit(Event::Error {
+                                    worker: Some(w.current()),
+                                    error: Error::new(ErrorKind::Bind, message),
+                                });
+                            }
                         }
                     }
                 },

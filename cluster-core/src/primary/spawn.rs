@@ -47,6 +47,8 @@ pub(crate) struct Spawned {
     pub(crate) child: Child,
     pub(crate) pid: u32,
     pub(crate) stream: Arc<UnixStream>,
+    /// The user and groups it runs as, when `uid` was set.
+    pub(crate) user: Option<(u32, Vec<u32>)>,
 }
 
 impl Launcher {
@@ -177,6 +179,11 @@ impl Launcher {
         unsafe {
             cmd.pre_exec(move || sys::child_setup(chan_fd, exe_fd));
         }
+        let runs_as = user.as_ref().map(|(uid, gid, groups)| {
+            let mut all = groups.clone();
+            all.push(*gid);
+            (*uid, all)
+        });
         if let Some((uid, gid, groups)) = user {
             // SAFETY: as above; `become_user` makes three system calls on values computed
             // before the fork, and the closure owns the vector it reads.
@@ -199,7 +206,12 @@ impl Launcher {
         let pid = child.id().unwrap_or(0);
         let stream = channel::into_stream(ours.into())
             .map_err(|e| Error::io(ErrorKind::Spawn, "cannot register the channel", e))?;
-        Ok(Spawned { child, pid, stream })
+        Ok(Spawned {
+            child,
+            pid,
+            stream,
+            user: runs_as,
+        })
     }
 }
 

@@ -743,6 +743,10 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             events: self.events.clone(),
             reports: self.reports.clone(),
             servers: self.servers.clone(),
+            rules: Arc::new(crate::dispatch::BindRules::new(
+                self.settings.bind.clone(),
+                spawned.user.take(),
+            )),
             fingerprint: self.fingerprint,
             budget: super::events::budget(self.config.outbox_limit),
             limit: self.config.outbox_limit,
