@@ -381,6 +381,31 @@ fn a_worker_that_exits_1_in_a_loop_trips_the_crash_loop_guard() {
     f.all_workers_gone();
 }
 
+/// A stuck worker that keeps writing `Pong`s for a long-past heartbeat, and for one never sent,
+/// is still found unresponsive: only an answer to the latest ping counts.
+#[test]
+fn stale_pongs_do_not_keep_a_hung_worker_alive() {
+    let mut f = Fixture::start(1, &[]);
+    let pid1 = f.listening(1);
+    // A few heartbeats go by first, so the worker's `Pong(1)` is stale.
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    f.send("do 1 stale-pongs");
+    let err = f.expect("error 1 ");
+    assert!(
+        err.starts_with("error 1 Unresponsive ") && err.contains("did not answer heartbeats"),
+        "{err}"
+    );
+    let took = asked.elapsed();
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(
+        f.expect("exit 1 ")
+            .starts_with("exit 1 SIGKILL ead=Some(false)")
+    );
+    wait_gone(pid1);
+    f.listening(2);
+}
+
 #[test]
 fn a_hung_worker_is_killed_by_the_heartbeat_and_replaced() {
     let mut f = Fixture::start(2, &[]);

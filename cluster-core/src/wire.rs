@@ -160,3 +160,16 @@ impl Control {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of a `Pong`, which a test fixture writes by hand as a raw worker would
+    /// (`tests/fixtures/production.rs`, `stale_pongs`): a change here must change it too.
+    #[test]
+    fn a_pong_is_three_bytes_of_postcard() {
+        let bytes = postcard::to_allocvec(&Wire::<()>::Control(Control::Pong(1))).unwrap();
+        assert_eq!(bytes, [0, 15, 1]);
+    }
+}
