@@ -8,7 +8,8 @@
 #
 # The two builds are the `fixture_deploy` example and a copy whose build mark is rewritten
 # (a different file, different bytes), renamed over the path. Traffic stays on loopback; every
-# process runs under `timeout`; only processes this script started are signalled, by pid.
+# client runs under `timeout`, the primaries are stopped by the exit trap; only processes this
+# script started are signalled, by pid.
 #
 # Knobs (environment): PORT (18300), DURATION (wrk seconds, 10), CONNS (keep-alive
 # connections, 32), CLOSE_CONNS (connections with `Connection: close`, 8), POLICY (round-robin),
@@ -67,8 +68,9 @@ summary() {
 for kind in $KINDS; do
   install_build "v1:a:serve"
   : >"$DIR/out"
+  # Not under `timeout`: the signals go to the primary itself (the trap stops it by pid).
   PORT=$PORT CLUSTER_WORKERS=$WORKERS CLUSTER_SCHED_POLICY=$POLICY GRACE_MS=10000 \
-    timeout 120 "$DIR/app" >"$DIR/out" 2>"$DIR/err" &
+    "$DIR/app" >"$DIR/out" 2>"$DIR/err" &
   primary=$!
   PIDS+=("$primary")
   for _ in $(seq 100); do
