@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{KillOnDrop, Proc};
+use common::{KillOnDrop, Proc, rss_kib};
 
 const FIXTURE: &str = "fixture_bounded";
 
@@ -14,17 +14,6 @@ const FIXTURE: &str = "fixture_bounded";
 /// queue, the chunk buffers kept for reuse and the allocator's slack fit many times; the 256
 /// MiB an unbounded queue would hold do not.
 const MAX_GROWTH_KIB: u64 = 64 * 1024;
-
-/// Resident memory of `pid` in KiB, from `/proc/PID/status`.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
-}
 
 fn start(mode: &str) -> (Proc, u32, KillOnDrop) {
     start_with(mode, &[])

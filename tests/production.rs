@@ -406,6 +406,38 @@ fn stale_pongs_do_not_keep_a_hung_worker_alive() {
     f.listening(2);
 }
 
+/// A worker that floods the channel with `Ping`s for 10 s gets no `Pong` for any of them: the
+/// primary's memory stays within 64 MiB of where it started, and it serves on.
+#[test]
+fn a_ping_flood_costs_the_primary_bounded_memory() {
+    // The worker's runtime waits out the flood: a heartbeat timeout above it.
+    let mut f = Fixture::start(1, &[("HB_TIMEOUT_MS", "30000")]);
+    f.listening(1);
+    let port = f.port();
+    let primary = f.p.pid();
+    let before = common::rss_kib(primary);
+    f.send("do 1 ping-flood");
+    let (mut most, end) = (before, Instant::now() + Duration::from_secs(10));
+    while Instant::now() < end {
+        most = most.max(common::rss_kib(primary));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("ping flood: primary VmRSS {before} KiB before, at most {most} KiB during");
+    assert!(
+        most.saturating_sub(before) < 64 * 1024,
+        "the primary grew from {before} to {most} KiB"
+    );
+    let answer = ask(port, "x");
+    let next = f.p.line_within(Duration::from_millis(500));
+    assert!(
+        answer.as_ref().is_ok_and(|a| a.starts_with("worker 1 ")),
+        "{answer:?}; seen: {:?}; next: {next:?}; stderr: {}",
+        f.p.seen,
+        f.p.stderr()
+    );
+    assert!(!f.saw("exit 1 "), "the worker was not killed");
+}
+
 #[test]
 fn a_hung_worker_is_killed_by_the_heartbeat_and_replaced() {
     let mut f = Fixture::start(2, &[]);

@@ -171,5 +171,8 @@ mod tests {
     fn a_pong_is_three_bytes_of_postcard() {
         let bytes = postcard::to_allocvec(&Wire::<()>::Control(Control::Pong(1))).unwrap();
         assert_eq!(bytes, [0, 15, 1]);
+        // And of a `Ping` (`ping_flood` there).
+        let bytes = postcard::to_allocvec(&Wire::<()>::Control(Control::Ping(7))).unwrap();
+        assert_eq!(bytes, [0, 14, 7]);
     }
 }
