@@ -347,27 +347,32 @@ impl Servers {
     }
 
     /// Copies of every listening socket the keys serve, each with whether systemd handed it
-    /// over: what a full upgrade hands the new primary (`SO_REUSEPORT` slots in slot order).
-    pub(crate) fn sockets(&self) -> Vec<(OwnedFd, bool)> {
+    /// over and the path of a Unix socket: what a full upgrade hands the new primary
+    /// (`SO_REUSEPORT` slots in slot order).
+    pub(crate) fn sockets(&self) -> Vec<(OwnedFd, bool, Option<std::path::PathBuf>)> {
         let st = self.lock();
         let mut out = Vec::new();
         for k in st.keys.values() {
+            let name = match &k.bound {
+                BindAddr::Unix(path) => Some(path.clone()),
+                _ => None,
+            };
+            let mut fds = Vec::new();
             match &k.kind {
-                KeyKind::RoundRobin(rr) => out.extend(rr.listener()),
-                KeyKind::Shared { fd, .. } => out.extend(fd.try_clone().ok()),
+                KeyKind::RoundRobin(rr) => fds.extend(rr.listener()),
+                KeyKind::Shared { fd, .. } => fds.extend(fd.try_clone().ok()),
                 KeyKind::ReusePort { sockets, .. } => {
                     let mut slots: Vec<_> = sockets.iter().collect();
                     slots.sort_by_key(|(slot, _)| **slot);
-                    out.extend(slots.into_iter().filter_map(|(_, fd)| fd.try_clone().ok()));
+                    fds.extend(slots.into_iter().filter_map(|(_, fd)| fd.try_clone().ok()));
                 }
             }
-        }
-        out.into_iter()
-            .map(|fd| {
+            out.extend(fds.into_iter().map(|fd| {
                 let systemd = systemd::from_systemd(fd.as_fd());
-                (fd, systemd)
-            })
-            .collect()
+                (fd, systemd, name.clone())
+            }));
+        }
+        out
     }
 
     /// Worker `new` replaces `old` (a reload): under `reuseport` it takes the same slot, and

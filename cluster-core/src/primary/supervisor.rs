@@ -591,17 +591,28 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             .count();
         // systemd's sockets first, in use or not, then the cluster's own.
         let (mut sockets, ours): (Vec<_>, Vec<_>) =
-            self.servers.sockets().into_iter().partition(|(_, s)| *s);
+            self.servers.sockets().into_iter().partition(|(_, s, _)| *s);
         let (spare_systemd, spare_ours): (Vec<_>, Vec<_>) = crate::systemd::unused()
             .into_iter()
-            .partition(|(_, o)| *o == crate::systemd::Origin::Systemd);
-        sockets.extend(spare_systemd.into_iter().map(|(fd, _)| (fd, true)));
+            .partition(|(_, o, _)| *o == crate::systemd::Origin::Systemd);
+        sockets.extend(spare_systemd.into_iter().map(|(fd, _, n)| (fd, true, n)));
         let from_systemd = sockets.len();
         sockets.extend(ours);
-        sockets.extend(spare_ours.into_iter().map(|(fd, _)| (fd, false)));
-        let fds: Vec<_> = sockets.into_iter().map(|(fd, _)| fd).collect();
-        let started =
-            super::upgrade::spawn(&path, workers, self.servers.policy(), &fds, from_systemd)?;
+        sockets.extend(spare_ours.into_iter().map(|(fd, _, n)| (fd, false, n)));
+        let names: Vec<_> = sockets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, _, n))| Some((i, n.clone()?)))
+            .collect();
+        let fds: Vec<_> = sockets.into_iter().map(|(fd, _, _)| fd).collect();
+        let started = super::upgrade::spawn(
+            &path,
+            workers,
+            self.servers.policy(),
+            &fds,
+            from_systemd,
+            &names,
+        )?;
         // From now on two primaries serve these sockets: neither may stop them taking
         // connections.
         crate::systemd::lend(&fds);

@@ -27,6 +27,10 @@ use crate::sys;
 /// The variable that tells a new primary what an old one handed it.
 pub(crate) const VAR: &str = "CLUSTER_UPGRADE";
 
+/// The paths of the Unix sockets among them: `<index>=<path in hex>`, comma-separated (a path
+/// may hold any byte but NUL).
+pub(crate) const UNIX_VAR: &str = "CLUSTER_UPGRADE_UNIX";
+
 /// How long a new primary that failed has to stop after SIGTERM before it gets SIGKILL.
 const STOP_WITHIN: Duration = Duration::from_secs(5);
 
@@ -53,6 +57,9 @@ pub(crate) unsafe fn take_from_env() {
     };
     // SAFETY: the caller guarantees a single thread.
     unsafe { sys::remove_env(VAR) };
+    let unix = std::env::var(UNIX_VAR).unwrap_or_default();
+    // SAFETY: as above.
+    unsafe { sys::remove_env(UNIX_VAR) };
     let text = text.to_string_lossy();
     let Some((old, n, from_systemd)) = parse(&text) else {
         eprintln!("cluster: {VAR}={text:?} is not `<pid>,<sockets>,<from systemd>`; ignored");
@@ -64,7 +71,7 @@ pub(crate) unsafe fn take_from_env() {
         );
         return;
     }
-    crate::systemd::adopt_upgrade(n, from_systemd);
+    crate::systemd::adopt_upgrade(n, from_systemd, &parse_names(&unix));
     MUST_LISTEN.store(n > 0, Ordering::Relaxed);
     match sys::adopt_stream_fd(3 + n as RawFd) {
         Some(fd) => *STATUS.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd),
@@ -78,6 +85,45 @@ fn parse(text: &str) -> Option<(u32, u32, u32)> {
     let mut it = text.split(',').map(|t| t.trim().parse::<u32>().ok());
     let v = (it.next()??, it.next()??, it.next()??);
     (it.next().is_none() && v.1 <= 1 << 16 && v.2 <= v.1).then_some(v)
+}
+
+/// The Unix paths of [`UNIX_VAR`]; what does not parse is left out.
+fn parse_names(text: &str) -> Vec<(usize, PathBuf)> {
+    use std::os::unix::ffi::OsStringExt;
+    text.split(',')
+        .filter_map(|entry| {
+            let (i, hex) = entry.split_once('=')?;
+            if hex.len() % 2 != 0 {
+                return None;
+            }
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|at| u8::from_str_radix(hex.get(at..at + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()?;
+            Some((
+                i.parse().ok()?,
+                PathBuf::from(std::ffi::OsString::from_vec(bytes)),
+            ))
+        })
+        .collect()
+}
+
+/// [`UNIX_VAR`]'s text for `names`.
+fn names_var(names: &[(usize, PathBuf)]) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    names
+        .iter()
+        .map(|(i, p)| {
+            let hex: String = p
+                .as_os_str()
+                .as_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("{i}={hex}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// In a new primary: its first workers are settled; `failed` says why they do not all serve.
@@ -114,13 +160,15 @@ pub(crate) struct Started {
 }
 
 /// Starts `path` as a new primary with `workers` workers under `policy`, handing it `sockets`
-/// (those systemd handed over first, `from_systemd` of them).
+/// (those systemd handed over first, `from_systemd` of them; `unix` names the Unix sockets
+/// among them by index).
 pub(crate) fn spawn(
     path: &std::path::Path,
     workers: usize,
     policy: SchedulingPolicy,
     sockets: &[OwnedFd],
     from_systemd: usize,
+    unix: &[(usize, PathBuf)],
 ) -> Result<Started, Error> {
     let fail = |what: &str, e: std::io::Error| {
         Error::io(
@@ -152,6 +200,7 @@ pub(crate) fn spawn(
         VAR,
         format!("{},{},{from_systemd}", std::process::id(), sockets.len()),
     );
+    cmd.env(UNIX_VAR, names_var(unix));
     cmd.env("CLUSTER_WORKERS", workers.max(1).to_string());
     cmd.env("CLUSTER_SCHED_POLICY", policy.to_string());
     cmd.env_remove(crate::run::WORKER_ID_VAR);
@@ -281,6 +330,22 @@ pub(crate) fn binary(path: Option<&PathBuf>) -> Result<PathBuf, Error> {
 #[cfg(test)]
 mod tests {
     use super::parse;
+
+    #[test]
+    fn unix_paths_travel_as_hex_whatever_their_bytes() {
+        use super::{names_var, parse_names};
+        use std::os::unix::ffi::OsStringExt;
+        let odd =
+            std::path::PathBuf::from(std::ffi::OsString::from_vec(b"/t/a,b=c\n\xff".to_vec()));
+        let names = vec![(0, "/run/app.sock".into()), (3, odd)];
+        assert_eq!(parse_names(&names_var(&names)), names);
+        assert_eq!(parse_names(""), vec![]);
+        assert_eq!(
+            parse_names("x=zz,1=6"),
+            vec![],
+            "malformed entries are left out"
+        );
+    }
 
     #[test]
     fn the_variable_names_a_pid_a_socket_count_and_those_from_systemd() {

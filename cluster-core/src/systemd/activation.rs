@@ -22,6 +22,9 @@ pub(crate) enum Origin {
 struct Inherited {
     fd: OwnedFd,
     origin: Origin,
+    /// The path of a Unix socket, as the old primary of an upgrade named it (its own name for
+    /// the socket may be a path through `/proc/self/fd`).
+    name: Option<std::path::PathBuf>,
     /// A key serves it right now.
     in_use: bool,
 }
@@ -40,14 +43,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Keeps the sockets handed over.
-pub(super) fn adopt(fds: Vec<OwnedFd>, origin: Origin) {
+/// Keeps the sockets handed over, each with the path of a Unix socket when it was named.
+pub(super) fn adopt(fds: Vec<(OwnedFd, Option<std::path::PathBuf>)>, origin: Origin) {
     if origin == Origin::Upgrade && !fds.is_empty() {
         OLD_PRIMARY.store(true, Ordering::Relaxed);
     }
-    lock(&INHERITED).extend(fds.into_iter().map(|fd| Inherited {
+    lock(&INHERITED).extend(fds.into_iter().map(|(fd, name)| Inherited {
         fd,
         origin,
+        name,
         in_use: false,
     }));
 }
@@ -58,7 +62,7 @@ pub(crate) fn take_inherited(want: &crate::wire::BindAddr, reuseport: bool) -> O
     let mut list = lock(&INHERITED);
     let found = list.iter_mut().find(|s| {
         !s.in_use
-            && fits(&s.fd, want)
+            && fits(&s.fd, s.name.as_deref(), want)
             && (!reuseport
                 || nix::sys::socket::getsockopt(&s.fd, nix::sys::socket::sockopt::ReusePort)
                     .unwrap_or(false))
@@ -68,10 +72,13 @@ pub(crate) fn take_inherited(want: &crate::wire::BindAddr, reuseport: bool) -> O
     Some(copy)
 }
 
-/// Whether socket `fd` is bound where `want` asks.
-fn fits(fd: &OwnedFd, want: &crate::wire::BindAddr) -> bool {
+/// Whether socket `fd` (named `name`, when it came with one) is bound where `want` asks.
+fn fits(fd: &OwnedFd, name: Option<&std::path::Path>, want: &crate::wire::BindAddr) -> bool {
     use crate::wire::BindAddr;
     if let BindAddr::Unix(path) = want {
+        if let Some(name) = name {
+            return name == path.as_path() && is_listening_stream(fd);
+        }
         let Ok(ss) =
             nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
         else {
@@ -147,16 +154,16 @@ pub(crate) fn release(fd: BorrowedFd<'_>) {
     }
 }
 
-/// Copies of the inherited sockets no key serves now, systemd's first: an upgrade hands them
-/// on with the keys' own.
-pub(crate) fn unused() -> Vec<(OwnedFd, Origin)> {
+/// Copies of the inherited sockets no key serves now (with their names), systemd's first: an
+/// upgrade hands them on with the keys' own.
+pub(crate) fn unused() -> Vec<(OwnedFd, Origin, Option<std::path::PathBuf>)> {
     let list = lock(&INHERITED);
-    let mut out: Vec<(OwnedFd, Origin)> = list
+    let mut out: Vec<_> = list
         .iter()
         .filter(|s| !s.in_use)
-        .filter_map(|s| Some((s.fd.try_clone().ok()?, s.origin)))
+        .filter_map(|s| Some((s.fd.try_clone().ok()?, s.origin, s.name.clone())))
         .collect();
-    out.sort_by_key(|(_, o)| *o != Origin::Systemd);
+    out.sort_by_key(|(_, o, _)| *o != Origin::Systemd);
     out
 }
 

@@ -10,16 +10,28 @@ pub(crate) use activation::{
 };
 
 /// Keeps the listening sockets an old primary handed over (a full upgrade): `fds` are
-/// descriptors `3..3 + n`; the first `from_systemd` of them came from systemd.
-pub(crate) fn adopt_upgrade(n: u32, from_systemd: u32) {
-    let (mut fds, stopped) = crate::sys::adopt_listen_fds(n);
+/// descriptors `3..3 + n`; the first `from_systemd` of them came from systemd; `names` are the
+/// paths of the Unix sockets among them, by index.
+pub(crate) fn adopt_upgrade(n: u32, from_systemd: u32, names: &[(usize, std::path::PathBuf)]) {
+    let (fds, stopped) = crate::sys::adopt_listen_fds(n);
     if let Some(fd) = stopped {
         eprintln!(
             "cluster: the old primary handed over {n} sockets, but descriptor {fd} is not open"
         );
     }
-    let rest = fds.split_off((from_systemd as usize).min(fds.len()));
-    activation::adopt(fds, Origin::Systemd);
+    let mut named: Vec<_> = fds
+        .into_iter()
+        .enumerate()
+        .map(|(i, fd)| {
+            let name = names
+                .iter()
+                .find(|(at, _)| *at == i)
+                .map(|(_, p)| p.clone());
+            (fd, name)
+        })
+        .collect();
+    let rest = named.split_off((from_systemd as usize).min(named.len()));
+    activation::adopt(named, Origin::Systemd);
     activation::adopt(rest, Origin::Upgrade);
 }
 
@@ -59,7 +71,10 @@ pub(crate) unsafe fn take_from_env() {
                     fds.len()
                 );
             }
-            activation::adopt(fds, Origin::Systemd);
+            activation::adopt(
+                fds.into_iter().map(|fd| (fd, None)).collect(),
+                Origin::Systemd,
+            );
         }
         _ => eprintln!("cluster: LISTEN_FDS={text:?} is not a descriptor count; ignored"),
     }
