@@ -927,3 +927,52 @@ fn a_worker_under_another_uid_gets_a_privileged_port_only_when_allowed() {
     assert_eq!(ask(sock("127.0.0.1:81")), 1);
     fx.quit();
 }
+
+/// The socket file the primary creates for a worker: owned by the worker's user when it runs
+/// as another one (what it would have created itself), with the mode the worker chose, set
+/// before any client can connect (not the primary's umask).
+#[test]
+fn a_unix_socket_file_has_the_workers_owner_and_the_mode_it_chose() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = TempDir::new("mode");
+    let mut fx = Fixture::start(1, "shared", &[("ADDR", "none")]);
+    fx.expect("online 1");
+    for (mode, name) in [(0o600, "a.sock"), (0o666, "b.sock")] {
+        let path = dir.0.join(name);
+        fx.send(&format!("listen 1 unix-mode={mode:o}:{}", path.display()));
+        assert_eq!(fx.expect("listening 1"), path.display().to_string());
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{name}");
+    }
+    fx.send(&format!(
+        "listen 1 unix-mode=1777:{}",
+        dir.0.join("c.sock").display()
+    ));
+    let e = fx.expect("bind-error 1");
+    assert!(e.starts_with("InvalidInput") && e.contains("0o777"), "{e}");
+    fx.quit();
+
+    if !is_root() {
+        eprintln!("the owner part is skipped: running a worker as nobody needs root");
+        return;
+    }
+    let own = dir.0.join("own");
+    std::fs::create_dir(&own).unwrap();
+    chown_nobody(&own);
+    let mut fx = Fixture::start(
+        1,
+        "round-robin",
+        &[("ADDR", "none"), ("WORKER_UID", "65534")],
+    );
+    fx.expect("online 1");
+    let path = own.join("s.sock");
+    fx.send(&format!("listen 1 unix:{}", path.display()));
+    assert_eq!(fx.expect("listening 1"), path.display().to_string());
+    let meta = std::fs::symlink_metadata(&path).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (65534, 65534),
+        "the worker's user owns it"
+    );
+    fx.quit();
+}

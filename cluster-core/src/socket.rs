@@ -187,12 +187,83 @@ fn via(dir: &OwnedFd, name: &std::ffi::OsStr, path: &std::path::Path) -> std::pa
     }
 }
 
+/// The socket file's permission bits and owner, set before it takes connections.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct FileOptions {
+    pub(crate) mode: Option<u32>,
+    pub(crate) owner: Option<(u32, u32)>,
+}
+
+/// Sets `opts` on `name` in `dir`, which must still be the socket `id`: never through a link
+/// put in its place (on Linux the mode goes through a handle opened on the file itself).
+fn set_file_options(
+    dir: &OwnedFd,
+    name: &std::ffi::OsStr,
+    id: (u64, u64),
+    opts: FileOptions,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if let Some((uid, gid)) = opts.owner {
+        nix::unistd::fchownat(
+            Some(dir.as_raw_fd()),
+            name,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(io::Error::from)?;
+    }
+    let Some(mode) = opts.mode else {
+        return Ok(());
+    };
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use nix::fcntl::{OFlag, openat};
+        let raw = openat(
+            Some(dir.as_raw_fd()),
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(io::Error::from)?;
+        // SAFETY: `openat` just returned this descriptor; nobody else owns it.
+        let file: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+        let st = nix::sys::stat::fstat(file.as_raw_fd()).map_err(io::Error::from)?;
+        #[allow(
+            clippy::unnecessary_cast,
+            reason = "`st_dev` is not `u64` on every Unix"
+        )]
+        let same = (st.st_dev as u64, st.st_ino as u64) == id;
+        if !same {
+            return Err(io::Error::other(
+                "the socket file was replaced before its mode was set",
+            ));
+        }
+        std::fs::set_permissions(
+            format!("/proc/self/fd/{}", file.as_raw_fd()),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = id;
+        nix::sys::stat::fchmodat(
+            Some(dir.as_raw_fd()),
+            name,
+            nix::sys::stat::Mode::from_bits_truncate(mode as nix::libc::mode_t),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(io::Error::from)
+    }
+}
+
 /// Binds and listens on a Unix socket at `path`, after `check` accepted its directory. A stale
 /// socket file there (nobody listens: connecting is refused) is replaced; any other file, or a
 /// socket something listens on, is `AddrInUse` and stays.
 pub(crate) fn bind_unix(
     path: &std::path::Path,
     check: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<()>,
+    opts: FileOptions,
 ) -> io::Result<(OwnedFd, UnixFile)> {
     use nix::sys::socket::{
         AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind as nbind, listen, socket,
@@ -262,9 +333,13 @@ pub(crate) fn bind_unix(
         id,
         path: path.to_owned(),
     };
-    if let Err(e) = listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN)) {
+    // Mode and owner before `listen`: no client can connect before they hold.
+    let ready = set_file_options(&file.dir, &file.name, file.id, opts).and_then(|()| {
+        listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN)).map_err(io::Error::from)
+    });
+    if let Err(e) = ready {
         file.remove();
-        return Err(e.into());
+        return Err(e);
     }
     Ok((fd, file))
 }

@@ -82,6 +82,8 @@ pub enum Control {
         index: u32,
         /// The policy to serve it with.
         policy: PolicyWire,
+        /// For a Unix socket: the permission bits of its file, when the worker chose them.
+        mode: Option<u32>,
     },
     /// Primary -> worker: the answer to `QueryServer`.
     ServerReply {

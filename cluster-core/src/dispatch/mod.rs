@@ -117,10 +117,19 @@ impl Servers {
     ) -> Handled {
         match c {
             Control::QueryServer {
-                req, addr, index, ..
+                req,
+                addr,
+                index,
+                mode,
+                ..
             } => {
                 let mut refused = None;
-                let (result, fds) = match self.query(id, outbox, &addr, index, rules) {
+                let asked = Asked {
+                    addr: &addr,
+                    index,
+                    mode,
+                };
+                let (result, fds) = match self.query(id, outbox, asked, rules) {
                     Ok((grant, bound, fds)) => (Ok((grant, bound)), fds),
                     Err(e) => {
                         if rules::is_denied(&e) {
@@ -183,10 +192,17 @@ impl Servers {
         self: &Arc<Self>,
         id: u32,
         outbox: &Arc<Outbox>,
-        addr: &BindAddr,
-        index: u32,
+        asked: Asked<'_>,
         rules: &BindRules,
     ) -> io::Result<(Grant, BindAddr, Vec<OwnedFd>)> {
+        let Asked { addr, index, mode } = asked;
+        if mode.is_some_and(|m| m > 0o777) || (mode.is_some() && !matches!(addr, BindAddr::Unix(_)))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a file mode is for a Unix socket, and at most 0o777",
+            ));
+        }
         rules.check_addr(addr)?;
         let mut st = self.lock();
         let key: KeyId = (addr.clone(), index);
@@ -216,18 +232,18 @@ impl Servers {
             st.next_server += 1;
             let (bound, unix, kind) = match policy {
                 SchedulingPolicy::RoundRobin => {
-                    let (fd, bound, unix) = bind(addr, false, rules)?;
+                    let (fd, bound, unix) = bind(addr, false, rules, mode)?;
                     let rr = RoundRobin::start(next, fd);
                     let rr = rr.inspect_err(|_| unix.iter().for_each(socket::UnixFile::remove))?;
                     (bound, unix, KeyKind::RoundRobin(rr))
                 }
                 SchedulingPolicy::Shared => {
-                    let (fd, bound, unix) = bind(addr, false, rules)?;
+                    let (fd, bound, unix) = bind(addr, false, rules, mode)?;
                     let members = Vec::new();
                     (bound, unix, KeyKind::Shared { fd, members })
                 }
                 SchedulingPolicy::ReusePort => {
-                    let (fd, bound, unix) = bind(addr, true, rules)?;
+                    let (fd, bound, unix) = bind(addr, true, rules, mode)?;
                     let slot = st.slots.of(id);
                     let sockets = HashMap::from([(slot, fd)]);
                     let members = Vec::new();
@@ -266,7 +282,7 @@ impl Servers {
                 let slot = slots.of(id);
                 if let std::collections::hash_map::Entry::Vacant(e) = sockets.entry(slot) {
                     // Same address and port as the first slot, so port 0 is shared too.
-                    let (fd, _, _) = bind(&bound, true, rules)?;
+                    let (fd, _, _) = bind(&bound, true, rules, None)?;
                     e.insert(fd);
                 }
                 let fd = sockets[&slot].try_clone()?;
@@ -454,6 +470,7 @@ fn bind(
     addr: &BindAddr,
     reuseport: bool,
     rules: &BindRules,
+    mode: Option<u32>,
 ) -> io::Result<(OwnedFd, BindAddr, Option<socket::UnixFile>)> {
     if let Some(fd) = systemd::take_inherited(addr, reuseport) {
         let checked = match addr {
@@ -471,7 +488,11 @@ fn bind(
         };
     }
     if let BindAddr::Unix(path) = addr {
-        let (fd, unix) = socket::bind_unix(path, |dir| rules.check_dir(dir, path))?;
+        let file = socket::FileOptions {
+            mode,
+            owner: rules.owner(),
+        };
+        let (fd, unix) = socket::bind_unix(path, |dir| rules.check_dir(dir, path), file)?;
         return Ok((fd, addr.clone(), Some(unix)));
     }
     let (fd, bound) = socket::bind(addr, reuseport)?;
@@ -497,6 +518,16 @@ fn close_key(k: Key) {
             unix.remove();
         }
     }
+}
+
+/// What a worker asked to listen on.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    addr: &'a BindAddr,
+    /// How many listeners it already has on `addr`.
+    index: u32,
+    /// A Unix socket file's permission bits.
+    mode: Option<u32>,
 }
 
 /// What [`Servers::handle`] did with a control message.

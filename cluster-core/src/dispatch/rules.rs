@@ -33,18 +33,26 @@ impl Denied {
 #[derive(Debug, Default)]
 pub(crate) struct BindRules {
     policy: BindPolicy,
-    /// The worker's uid and groups, when it is not the primary's user (and not root).
-    other_user: Option<(u32, Vec<u32>)>,
+    /// The worker's uid, gid and groups (the gid among them), when it is not the primary's user
+    /// (and not root).
+    other_user: Option<(u32, u32, Vec<u32>)>,
 }
 
 impl BindRules {
-    /// Rules for a worker forked with `policy`, running as `user` (uid and groups) when set.
-    pub(crate) fn new(policy: BindPolicy, user: Option<(u32, Vec<u32>)>) -> Self {
+    /// Rules for a worker forked with `policy`, running as `user` (uid, gid and groups) when
+    /// set.
+    pub(crate) fn new(policy: BindPolicy, user: Option<(u32, u32, Vec<u32>)>) -> Self {
         let me = nix::unistd::geteuid().as_raw();
         BindRules {
             policy,
-            other_user: user.filter(|(uid, _)| *uid != me && *uid != 0),
+            other_user: user.filter(|(uid, ..)| *uid != me && *uid != 0),
         }
+    }
+
+    /// Who a Unix socket file created for this worker belongs to: the worker's user and group
+    /// when it runs as another user (the file it would have created itself).
+    pub(crate) fn owner(&self) -> Option<(u32, u32)> {
+        self.other_user.as_ref().map(|(uid, gid, _)| (*uid, *gid))
     }
 
     pub(crate) fn max_servers(&self) -> usize {
@@ -79,7 +87,7 @@ impl BindRules {
                 format!("the bind policy does not allow port {port} (BindPolicy::ports)"),
             )),
             None => match &self.other_user {
-                Some((uid, _)) if port < unprivileged_port_start() => Err(Denied::error(
+                Some((uid, ..)) if port < unprivileged_port_start() => Err(Denied::error(
                     nix::libc::EACCES,
                     format!(
                         "port {port} is privileged and this worker runs as uid {uid}, which could not bind it \
@@ -112,7 +120,7 @@ impl BindRules {
                 ))
             };
         }
-        let Some((uid, groups)) = &self.other_user else {
+        let Some((uid, gid, groups)) = &self.other_user else {
             return Ok(());
         };
         // Creating a file takes write and search permission on the directory (ACLs and
@@ -120,7 +128,7 @@ impl BindRules {
         let mode = st.st_mode as u32;
         let bits = if st.st_uid == *uid {
             (mode >> 6) & 0o7
-        } else if groups.contains(&st.st_gid) {
+        } else if *gid == st.st_gid || groups.contains(&st.st_gid) {
             (mode >> 3) & 0o7
         } else {
             mode & 0o7
@@ -192,7 +200,7 @@ mod tests {
 
     #[test]
     fn another_user_gets_no_privileged_port_unless_allowed() {
-        let nobody = BindRules::new(BindPolicy::default(), Some((65534, vec![65534])));
+        let nobody = BindRules::new(BindPolicy::default(), Some((65534, 65534, vec![])));
         if unprivileged_port_start() > 81 {
             let e = nobody.check_addr(&tcp(81)).unwrap_err();
             assert!(is_denied(&e));
@@ -205,7 +213,7 @@ mod tests {
             ports: Some(vec![80..=81]),
             ..BindPolicy::default()
         };
-        let allowed = BindRules::new(policy, Some((65534, vec![])));
+        let allowed = BindRules::new(policy, Some((65534, 65534, vec![])));
         assert!(allowed.check_addr(&tcp(81)).is_ok());
         assert!(
             allowed.check_addr(&tcp(8080)).is_err(),
@@ -213,7 +221,7 @@ mod tests {
         );
         // The primary's own user, or root: anything the primary can bind.
         let me = nix::unistd::geteuid().as_raw();
-        let same = BindRules::new(BindPolicy::default(), Some((me, vec![])));
+        let same = BindRules::new(BindPolicy::default(), Some((me, me, vec![])));
         assert!(same.check_addr(&tcp(81)).is_ok());
     }
 

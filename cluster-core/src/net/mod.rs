@@ -101,6 +101,7 @@ impl Drop for Registration {
 async fn query(
     link: &'static Arc<Link>,
     addr: ListenAddress,
+    mode: Option<u32>,
 ) -> io::Result<(Grant, ListenAddress, Vec<OwnedFd>, Registration)> {
     if link.is_disconnecting() {
         return Err(io::Error::new(
@@ -133,6 +134,7 @@ async fn query(
             addr: addr.clone(),
             index,
             policy,
+            mode,
         })
         .await
         .map_err(io::Error::from)?;

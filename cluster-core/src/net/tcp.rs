@@ -51,7 +51,7 @@ impl TcpListener {
                 local,
             });
         };
-        let (grant, bound, fds, reg) = query(link, ListenAddress::Tcp(addr)).await?;
+        let (grant, bound, fds, reg) = query(link, ListenAddress::Tcp(addr), None).await?;
         let local = bound.socket_addr().unwrap_or(addr);
         let source = match grant {
             Grant::RoundRobin { server } => Source::Handoff(Handoff {

@@ -34,7 +34,7 @@ impl UdpSocket {
                 _reg: None,
             });
         };
-        let (_, bound, fds, reg) = query(link, ListenAddress::Udp(addr)).await?;
+        let (_, bound, fds, reg) = query(link, ListenAddress::Udp(addr), None).await?;
         let fd = fds
             .into_iter()
             .next()

@@ -26,16 +26,49 @@ impl std::fmt::Debug for UnixListener {
 
 impl UnixListener {
     /// Binds `path` (made absolute in a worker, so every worker names the same socket).
+    ///
+    /// In a worker the primary creates the socket file (see
+    /// [`BindPolicy`](crate::BindPolicy)): owned by the worker's user and group when it runs as
+    /// another user than the primary, with the permission bits `0o666` less the primary's
+    /// umask unless [`bind_with_mode`](Self::bind_with_mode) chose them. A stale socket file
+    /// at the path (left by a process that died: connecting is refused) is replaced; any other
+    /// file there fails the bind with `AddrInUse` and stays.
     pub async fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
-        let path = std::path::absolute(path.as_ref())?;
+        Self::bind_as(path.as_ref(), None).await
+    }
+
+    /// [`bind`](Self::bind), with the socket file's permission bits set to `mode` (such as
+    /// `0o660`; at most `0o777`) before it takes any connection. Node's `readableAll` and
+    /// `writableAll` are `0o644` and `0o622` over the owner's `0o600`, so both are `0o666`.
+    /// Only the first worker's mode counts for a socket that several workers share.
+    pub async fn bind_with_mode(path: impl AsRef<Path>, mode: u32) -> io::Result<Self> {
+        if mode > 0o777 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("socket file mode {mode:#o} has bits beyond 0o777"),
+            ));
+        }
+        Self::bind_as(path.as_ref(), Some(mode)).await
+    }
+
+    async fn bind_as(path: &Path, mode: Option<u32>) -> io::Result<Self> {
+        let path = std::path::absolute(path)?;
         let Some(link) = link() else {
             let l = tokio::net::UnixListener::bind(&path)?;
+            if let Some(mode) = mode {
+                // Outside a cluster: after the bind (the file exists only from then on).
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(mode),
+                )?;
+            }
             return Ok(UnixListener {
                 inner: Acceptor::own(l),
                 path,
             });
         };
-        let (grant, _bound, fds, reg) = query(link, ListenAddress::Unix(path.clone())).await?;
+        let (grant, _bound, fds, reg) =
+            query(link, ListenAddress::Unix(path.clone()), mode).await?;
         let source = match grant {
             Grant::RoundRobin { server } => Source::Handoff(Handoff {
                 rx: Arc::new(tokio::sync::Mutex::new(link.handoffs.take(server))),

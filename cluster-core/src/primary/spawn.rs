@@ -47,8 +47,8 @@ pub(crate) struct Spawned {
     pub(crate) child: Child,
     pub(crate) pid: u32,
     pub(crate) stream: Arc<UnixStream>,
-    /// The user and groups it runs as, when `uid` was set.
-    pub(crate) user: Option<(u32, Vec<u32>)>,
+    /// The user, group and supplementary groups it runs as, when `uid` was set.
+    pub(crate) user: Option<(u32, u32, Vec<u32>)>,
 }
 
 impl Launcher {
@@ -179,11 +179,7 @@ impl Launcher {
         unsafe {
             cmd.pre_exec(move || sys::child_setup(chan_fd, exe_fd));
         }
-        let runs_as = user.as_ref().map(|(uid, gid, groups)| {
-            let mut all = groups.clone();
-            all.push(*gid);
-            (*uid, all)
-        });
+        let runs_as = user.clone();
         if let Some((uid, gid, groups)) = user {
             // SAFETY: as above; `become_user` makes three system calls on values computed
             // before the fork, and the closure owns the vector it reads.
