@@ -406,6 +406,33 @@ fn stale_pongs_do_not_keep_a_hung_worker_alive() {
     f.listening(2);
 }
 
+/// A worker that sends descriptors no frame announces has its channel cut, and every one of them
+/// is closed: the primary's descriptor count goes back to where it was, and the other worker
+/// serves on.
+#[test]
+fn unannounced_descriptors_leave_nothing_open_in_the_primary() {
+    let mut f = Fixture::start(2, &[("RESPAWN", "off")]);
+    f.listening(1);
+    let pid2 = f.listening(2);
+    let port = f.port();
+    let primary = f.p.pid();
+    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let before = fds(primary);
+    f.send("do 1 fd-flood");
+    let err = f.expect("error 1 ");
+    assert!(err.contains("descriptor"), "{err}");
+    f.expect("exit 1 ");
+    let after = fds(primary);
+    assert!(
+        after < before,
+        "the primary had {before} descriptors before, {after} after worker 1 left"
+    );
+    for _ in 0..5 {
+        assert_eq!(served_by(&ask(port, "x").unwrap()), 2);
+    }
+    assert!(alive(pid2));
+}
+
 /// A worker that floods the channel with `Ping`s for 10 s gets no `Pong` for any of them: the
 /// primary's memory stays within 64 MiB of where it started, and it serves on.
 #[test]
