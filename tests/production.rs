@@ -381,6 +381,16 @@ fn a_worker_that_exits_1_in_a_loop_trips_the_crash_loop_guard() {
     f.all_workers_gone();
 }
 
+/// Waits for the heartbeat's verdict on worker `id`: unresponsive.
+fn expect_unresponsive(f: &mut Fixture, id: u32) {
+    let err = f.expect(&format!("error {id} "));
+    assert!(
+        err.starts_with(&format!("error {id} Unresponsive "))
+            && err.contains("did not answer heartbeats"),
+        "{err}"
+    );
+}
+
 /// A stuck worker that keeps writing `Pong`s for a long-past heartbeat, and for one never sent,
 /// is still found unresponsive: only an answer to the latest ping counts.
 #[test]
@@ -391,11 +401,7 @@ fn stale_pongs_do_not_keep_a_hung_worker_alive() {
     std::thread::sleep(Duration::from_millis(500));
     let asked = Instant::now();
     f.send("do 1 stale-pongs");
-    let err = f.expect("error 1 ");
-    assert!(
-        err.starts_with("error 1 Unresponsive ") && err.contains("did not answer heartbeats"),
-        "{err}"
-    );
+    expect_unresponsive(&mut f, 1);
     let took = asked.elapsed();
     assert!(took >= Duration::from_millis(900), "{took:?}");
     assert!(
@@ -472,11 +478,7 @@ fn a_hung_worker_is_killed_by_the_heartbeat_and_replaced() {
     let pid2 = f.listening(2);
     let asked = Instant::now();
     f.send("do 1 hang");
-    let err = f.expect("error 1 ");
-    assert!(
-        err.starts_with("error 1 Unresponsive ") && err.contains("did not answer heartbeats"),
-        "{err}"
-    );
+    expect_unresponsive(&mut f, 1);
     // Killed only after the timeout (1 s), and not much later.
     let took = asked.elapsed();
     assert!(
