@@ -381,6 +381,26 @@ fn a_worker_that_exits_1_in_a_loop_trips_the_crash_loop_guard() {
     f.all_workers_gone();
 }
 
+/// The signals operators send by habit never end the cluster by their default action: SIGUSR1
+/// is an event for the application (reopen logs) and the cluster serves on; SIGQUIT is a
+/// graceful stop, exit 0.
+#[test]
+fn sigusr1_asks_to_reopen_logs_and_sigquit_stops_gracefully() {
+    let mut f = Fixture::start(2, &[]);
+    f.listening(1);
+    f.listening(2);
+    let port = f.port();
+    for _ in 0..2 {
+        f.signal(Signal::SIGUSR1);
+        f.expect("reopen-logs");
+    }
+    assert!(ask(port, "x").unwrap().starts_with("worker "));
+    assert!(!f.saw("exit "), "no worker left");
+    f.signal(Signal::SIGQUIT);
+    assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
+    f.all_workers_gone();
+}
+
 /// Waits for the heartbeat's verdict on worker `id`: unresponsive.
 fn expect_unresponsive(f: &mut Fixture, id: u32) {
     let err = f.expect(&format!("error {id} "));

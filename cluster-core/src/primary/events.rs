@@ -79,6 +79,9 @@ pub enum Event<P = (), W = ()> {
         /// The settings now in force for later forks.
         settings: Settings,
     },
+    /// SIGUSR1 arrived under [`Primary::handle_signals`](crate::Primary::handle_signals): the
+    /// operator rotated the log files, and the application should reopen those it writes.
+    ReopenLogs,
 }
 
 impl<P, W> Event<P, W> {
@@ -92,7 +95,7 @@ impl<P, W> Event<P, W> {
             | Event::Exit { worker, .. }
             | Event::Message { worker, .. } => Some(worker),
             Event::Error { worker, .. } => worker.as_ref(),
-            Event::Setup { .. } => None,
+            Event::Setup { .. } | Event::ReopenLogs => None,
         }
     }
 
@@ -107,6 +110,7 @@ impl<P, W> Event<P, W> {
             Event::Message { .. } => "message",
             Event::Error { .. } => "error",
             Event::Setup { .. } => "setup",
+            Event::ReopenLogs => "reopen-logs",
         }
     }
 }
@@ -298,5 +302,6 @@ fn trace_event<P, W>(ev: &Event<P, W>) {
             error!(worker.id = id, worker.pid = pid, kind = ?error.kind(), error = %error, "cluster error")
         }
         Event::Setup { .. } => debug!("settings changed"),
+        Event::ReopenLogs => info!("SIGUSR1: the application is asked to reopen its logs"),
     }
 }

@@ -163,10 +163,13 @@ impl<P: Message, W: Message> Primary<P, W> {
     ///
     /// | signal | effect |
     /// |---|---|
-    /// | SIGTERM, SIGINT | graceful [`shutdown`](Self::shutdown) with `grace`; afterwards `next_event` returns `None`. If workers remain after `grace` they are killed and the primary exits with code 1; a second SIGINT forces it at once |
+    /// | SIGTERM, SIGINT, SIGQUIT | graceful [`shutdown`](Self::shutdown) with `grace`; afterwards `next_event` returns `None`. If workers remain after `grace` they are killed and the primary exits with code 1; a second SIGINT forces it at once |
     /// | SIGHUP | rolling [`reload`](Self::reload) |
     /// | SIGUSR2 | full [`upgrade`](Self::upgrade), the primary included; the outcome is a line on stderr (`cluster: upgrade done: ..` or `cluster: upgrade failed: ..`, the latter also an `Error` event) |
     /// | SIGTTIN / SIGTTOU | one worker more / fewer (the newest leaves gracefully) |
+    /// | SIGUSR1 | [`Event::ReopenLogs`]: reopen the log files the application writes |
+    ///
+    /// None of them terminates the primary by their default action any more.
     pub fn handle_signals(&self, grace: Duration) -> std::io::Result<()> {
         signals::handle(self.clone(), grace)
     }

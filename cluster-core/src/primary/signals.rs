@@ -20,11 +20,15 @@ pub(super) fn handle<P: Message, W: Message>(
     let mut ttin = signal(SignalKind::from_raw(nix::libc::SIGTTIN))?;
     let mut ttou = signal(SignalKind::from_raw(nix::libc::SIGTTOU))?;
     let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut quit = signal(SignalKind::quit())?;
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = quit.recv() => break,
+                _ = usr1.recv() => me.inner.errors.emit(Event::ReopenLogs),
                 _ = hup.recv() => {
                     let m = me.clone();
                     tokio::spawn(async move {
