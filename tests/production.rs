@@ -401,6 +401,27 @@ fn sigusr1_asks_to_reopen_logs_and_sigquit_stops_gracefully() {
     f.all_workers_gone();
 }
 
+/// Workers that served a while and die (SIGKILL, 8 times within the crash window, against a
+/// limit of 3) are bad luck, not a loop: each is replaced and the cluster never stops. Workers
+/// that die at start still trip the guard (`a_worker_that_exits_1_in_a_loop_trips_the_crash_loop_guard`).
+#[test]
+fn workers_killed_after_serving_never_trip_the_crash_loop_guard() {
+    let env = [("CRASH_LIMIT", "3"), ("MIN_UPTIME_MS", "300")];
+    let mut f = Fixture::start(2, &env);
+    let mut pid = f.listening(1);
+    f.listening(2);
+    let port = f.port();
+    for next in 3..11 {
+        std::thread::sleep(Duration::from_millis(400));
+        sigkill(pid);
+        pid = f.listening(next);
+    }
+    assert!(!f.saw("error 0 CrashLoop"), "the guard stopped the cluster");
+    assert!(ask(port, "x").unwrap().starts_with("worker "));
+    f.signal(Signal::SIGTERM);
+    assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
+}
+
 /// Waits for the heartbeat's verdict on worker `id`: unresponsive.
 fn expect_unresponsive(f: &mut Fixture, id: u32) {
     let err = f.expect(&format!("error {id} "));

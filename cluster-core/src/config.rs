@@ -211,6 +211,11 @@ pub struct RespawnPolicy {
     pub crash_limit: usize,
     /// The window of the crash-loop guard (default 60 s).
     pub crash_window: Duration,
+    /// A worker that came online and lived at least this long before it died unplanned does not
+    /// count toward the crash-loop guard (default 5 s; PM2's `min_uptime`): it is replaced with
+    /// backoff however often that happens, so workers killed now and then by bad luck never
+    /// stop the cluster, while a build whose workers die at start still does.
+    pub min_uptime: Duration,
 }
 
 impl Default for RespawnPolicy {
@@ -221,6 +226,7 @@ impl Default for RespawnPolicy {
             reset_after: Duration::from_secs(10),
             crash_limit: 5,
             crash_window: Duration::from_secs(60),
+            min_uptime: Duration::from_secs(5),
         }
     }
 }

@@ -106,10 +106,20 @@ impl Respawn {
         self.policy
     }
 
-    /// Records an unplanned exit at `now` of a worker that lived `uptime`, with `live` other
-    /// workers still running. The crash limit is at least one more than the workers running,
-    /// so one bad deploy of every worker at once is not mistaken for a loop.
-    pub(crate) fn on_crash(&mut self, now: Instant, uptime: Duration, live: usize) -> Verdict {
+    /// Records an unplanned exit at `now` of a worker that lived `uptime` (and came online, or
+    /// not), with `live` other workers still running. Only a worker that never came online or
+    /// lived less than `min_uptime` counts toward the crash-loop guard: one that served for a
+    /// while and died is bad luck, replaced with backoff however often it happens. The crash
+    /// limit is at least one more than the workers running, so one bad deploy of every worker
+    /// at once is not mistaken for a loop.
+    pub(crate) fn on_crash(
+        &mut self,
+        now: Instant,
+        uptime: Duration,
+        was_online: bool,
+        live: usize,
+    ) -> Verdict {
+        let counts = !was_online || uptime < self.policy.min_uptime;
         let window = self.policy.crash_window;
         while self
             .crashes
@@ -118,9 +128,11 @@ impl Respawn {
         {
             self.crashes.pop_front();
         }
-        self.crashes.push_back(now);
+        if counts {
+            self.crashes.push_back(now);
+        }
         let limit = self.policy.crash_limit.max(live + 1);
-        if self.crashes.len() >= limit {
+        if counts && self.crashes.len() >= limit {
             return Verdict::CrashLoop {
                 crashes: self.crashes.len(),
             };
@@ -209,7 +221,38 @@ mod tests {
             reset_after: 10_000 * MS,
             crash_limit: 4,
             crash_window: 60_000 * MS,
+            min_uptime: 5_000 * MS,
         }
+    }
+
+    #[test]
+    fn only_workers_that_die_young_or_never_come_online_count_toward_the_guard() {
+        let mut r = Respawn::new(policy());
+        let t0 = Instant::now();
+        // Forty workers that served 6 s each die within a second: bad luck, not a loop.
+        for i in 0..40u32 {
+            assert!(matches!(
+                r.on_crash(t0 + i * 10 * MS, 6_000 * MS, true, 0),
+                Verdict::RespawnAfter(_)
+            ));
+        }
+        // Young deaths and workers that never came online do count.
+        assert!(matches!(
+            r.on_crash(t0 + 500 * MS, 100 * MS, true, 0),
+            Verdict::RespawnAfter(_)
+        ));
+        assert!(matches!(
+            r.on_crash(t0 + 501 * MS, 9_000 * MS, false, 0),
+            Verdict::RespawnAfter(_)
+        ));
+        assert!(matches!(
+            r.on_crash(t0 + 502 * MS, MS, true, 0),
+            Verdict::RespawnAfter(_)
+        ));
+        assert_eq!(
+            r.on_crash(t0 + 503 * MS, MS, false, 0),
+            Verdict::CrashLoop { crashes: 4 }
+        );
     }
 
     #[test]
@@ -220,7 +263,7 @@ mod tests {
         for i in 0..6u32 {
             // Each crash outside the window of the others, so no loop is detected.
             let now = t0 + i * 61_000 * MS;
-            match r.on_crash(now, MS, 0) {
+            match r.on_crash(now, MS, true, 0) {
                 Verdict::RespawnAfter(d) => delays.push(d.as_millis()),
                 v => panic!("unexpected {v:?}"),
             }
@@ -232,12 +275,12 @@ mod tests {
     fn a_worker_that_lived_long_resets_the_backoff() {
         let mut r = Respawn::new(policy());
         let t0 = Instant::now();
-        assert_eq!(r.on_crash(t0, MS, 0), Verdict::RespawnAfter(100 * MS));
+        assert_eq!(r.on_crash(t0, MS, true, 0), Verdict::RespawnAfter(100 * MS));
         assert_eq!(
-            r.on_crash(t0 + 61_000 * MS, MS, 0),
+            r.on_crash(t0 + 61_000 * MS, MS, true, 0),
             Verdict::RespawnAfter(200 * MS)
         );
-        let long = r.on_crash(t0 + 122_000 * MS, 10_000 * MS, 0);
+        let long = r.on_crash(t0 + 122_000 * MS, 10_000 * MS, true, 0);
         assert_eq!(long, Verdict::RespawnAfter(100 * MS));
     }
 
@@ -247,21 +290,24 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..3u32 {
             assert!(matches!(
-                r.on_crash(t0 + i * MS, MS, 0),
+                r.on_crash(t0 + i * MS, MS, true, 0),
                 Verdict::RespawnAfter(_)
             ));
         }
         // The first three fall out of the window: no loop.
         let later = t0 + 70_000 * MS;
-        assert!(matches!(r.on_crash(later, MS, 0), Verdict::RespawnAfter(_)));
+        assert!(matches!(
+            r.on_crash(later, MS, true, 0),
+            Verdict::RespawnAfter(_)
+        ));
         for i in 1..3u32 {
             assert!(matches!(
-                r.on_crash(later + i * MS, MS, 0),
+                r.on_crash(later + i * MS, MS, true, 0),
                 Verdict::RespawnAfter(_)
             ));
         }
         assert_eq!(
-            r.on_crash(later + 3 * MS, MS, 0),
+            r.on_crash(later + 3 * MS, MS, true, 0),
             Verdict::CrashLoop { crashes: 4 }
         );
     }
@@ -273,12 +319,12 @@ mod tests {
         // Eight workers die at once (a bad deploy): limit max(4, 8 + 1) = 9.
         for i in 0..8u32 {
             assert!(matches!(
-                r.on_crash(t0 + i * MS, MS, 8),
+                r.on_crash(t0 + i * MS, MS, true, 8),
                 Verdict::RespawnAfter(_)
             ));
         }
         assert_eq!(
-            r.on_crash(t0 + 8 * MS, MS, 8),
+            r.on_crash(t0 + 8 * MS, MS, true, 8),
             Verdict::CrashLoop { crashes: 9 }
         );
     }

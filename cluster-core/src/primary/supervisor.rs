@@ -895,19 +895,19 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         // left cannot miss it.
         self.publish();
         if !(voluntary || e.probation || self.closing) {
-            self.after_crash(&e.worker, status);
+            self.after_crash(&e.worker, status, e.online_at.is_some());
         }
         self.check_ready();
         self.check_stopped();
     }
 
     /// Applies the respawn policy after an unplanned exit.
-    fn after_crash(&mut self, w: &WorkerRef<W>, status: ExitStatus) {
+    fn after_crash(&mut self, w: &WorkerRef<W>, status: ExitStatus, was_online: bool) {
         let Some(respawn) = self.respawn.as_mut() else {
             return;
         };
         let now = Instant::now();
-        match respawn.on_crash(now, w.uptime(), self.entries.len()) {
+        match respawn.on_crash(now, w.uptime(), was_online, self.entries.len()) {
             Verdict::RespawnAfter(delay) => {
                 tracing::info!(
                     worker.id = w.id(),
