@@ -193,7 +193,8 @@ impl Config {
 /// A worker that exits without a disconnect (a crash, a panic, a signal, `exit(1)`) is replaced
 /// after a delay that doubles from `min_backoff` up to `max_backoff`, and starts again from
 /// `min_backoff` once a worker has stayed up for `reset_after`. When more workers fail within
-/// `crash_window` than `crash_limit` or the number of live workers (whichever is larger), the
+/// `crash_window` than `crash_limit` or the number of live workers (whichever is larger), counting
+/// only workers that never came online or lived less than `min_uptime`, the
 /// crash-loop guard stops the cluster: every worker is disconnected, the event stream ends, and
 /// the primary exits with code 1, its last line saying why with the workers' last error. (So a
 /// fault that takes down several workers at once, but is cured by restarting them, does not stop

@@ -25,11 +25,24 @@ pub(super) fn handle<P: Message, W: Message>(
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-                _ = quit.recv() => break,
-                _ = usr1.recv() => me.inner.errors.emit(Event::ReopenLogs),
+                _ = term.recv() => {
+                    tracing::info!(signal = "SIGTERM", "signal received: graceful shutdown");
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!(signal = "SIGINT", "signal received: graceful shutdown");
+                    break;
+                }
+                _ = quit.recv() => {
+                    tracing::info!(signal = "SIGQUIT", "signal received: graceful shutdown");
+                    break;
+                }
+                _ = usr1.recv() => {
+                    tracing::info!(signal = "SIGUSR1", "signal received: reopen logs");
+                    me.inner.errors.emit(Event::ReopenLogs);
+                }
                 _ = hup.recv() => {
+                    tracing::info!(signal = "SIGHUP", "signal received: rolling reload");
                     let m = me.clone();
                     tokio::spawn(async move {
                         if let Err(error) = m.reload(grace).await {
@@ -38,6 +51,7 @@ pub(super) fn handle<P: Message, W: Message>(
                     });
                 }
                 _ = usr2.recv() => {
+                    tracing::info!(signal = "SIGUSR2", "signal received: full upgrade");
                     let m = me.clone();
                     tokio::spawn(async move {
                         // The signal's sender cannot read a `Result`: the outcome is a line on
@@ -54,6 +68,7 @@ pub(super) fn handle<P: Message, W: Message>(
                     });
                 }
                 _ = ttin.recv() => {
+                    tracing::info!(signal = "SIGTTIN", "signal received: one worker more");
                     let m = me.clone();
                     tokio::spawn(async move {
                         if let Err(error) = m.scale(super::Scale::By(1)).await {
@@ -62,6 +77,7 @@ pub(super) fn handle<P: Message, W: Message>(
                     });
                 }
                 _ = ttou.recv() => {
+                    tracing::info!(signal = "SIGTTOU", "signal received: one worker fewer");
                     let m = me.clone();
                     tokio::spawn(async move {
                         if let Err(error) = m.scale(super::Scale::By(-1)).await {
@@ -76,6 +92,7 @@ pub(super) fn handle<P: Message, W: Message>(
         tokio::select! {
             _ = me.shutdown_as(grace, true, true) => {}
             _ = int.recv() => {
+                tracing::warn!(signal = "SIGINT", "second signal received: forced shutdown");
                 me.shutdown_as(Duration::ZERO, true, true).await;
             }
         }

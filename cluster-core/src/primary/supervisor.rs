@@ -400,8 +400,14 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             }
             Command::RolloutDone { result } => {
                 match &result {
-                    Ok(()) => self.launcher.promote(),
-                    Err(_) => self.launcher.discard_candidate(),
+                    Ok(()) => {
+                        tracing::info!("reload: done, every worker replaced");
+                        self.launcher.promote();
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload: failed");
+                        self.launcher.discard_candidate();
+                    }
                 }
                 for reply in self.rollout.take().into_iter().flatten() {
                     let copy = match &result {
@@ -544,6 +550,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
     }
 
     fn start_rollout(&mut self, grace: Duration, replies: Vec<ReloadReply>) {
+        tracing::info!(workers = self.entries.len(), "reload: starting");
         let Some(commands) = self.myself.upgrade() else {
             return;
         };
@@ -985,6 +992,13 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         exit_after: bool,
         reply: Option<oneshot::Sender<bool>>,
     ) {
+        if self.stopping.is_none() {
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                workers = self.entries.len(),
+                "shutdown: disconnecting every worker"
+            );
+        }
         crate::systemd::notify::stopping();
         self.close(Some(grace));
         let kill_at = later(grace);
@@ -1028,6 +1042,11 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         let Some(s) = self.stopping.take() else {
             return;
         };
+        if clean {
+            tracing::info!("shutdown: done, every worker left in time");
+        } else {
+            tracing::warn!("shutdown: done, stragglers were killed");
+        }
         for r in s.replies {
             let _ = r.send(clean);
         }
