@@ -422,6 +422,70 @@ fn workers_killed_after_serving_never_trip_the_crash_loop_guard() {
     assert_eq!(f.exit_code(), Some(0), "stderr: {}", f.p.stderr());
 }
 
+/// Three workers print 10,000 lines each on stdout (and 1,000 on stderr) through the primary:
+/// every line arrives once, whole, with its worker's prefix; a worker killed right after it
+/// printed loses none of its lines.
+#[test]
+fn worker_output_arrives_line_by_line_with_each_workers_prefix() {
+    let env = [
+        ("LOG_PREFIX", "[worker {id}] "),
+        ("PRINT_LINES", "10000"),
+        ("RESPAWN", "off"),
+    ];
+    let mut f = Fixture::start(3, &env);
+    let pids: Vec<u32> = (1..=3).map(|id| f.listening(id)).collect();
+    // Worker 3 dies at once: what it wrote is in its pipe and must still come out.
+    sigkill(pids[2]);
+    // Every line the primary printed is in `seen`, also those read while waiting above.
+    let prefixed = |f: &Fixture| {
+        f.p.seen
+            .iter()
+            .filter(|l| l.starts_with("[worker "))
+            .count()
+    };
+    let deadline = Instant::now() + WAIT;
+    while prefixed(&f) < 30_000 {
+        assert!(Instant::now() < deadline, "{} prefixed lines", prefixed(&f));
+        let _ = f.p.line_within(Duration::from_millis(500));
+    }
+    let mut seen = std::collections::BTreeMap::<u32, Vec<u32>>::new();
+    for line in &f.p.seen {
+        let Some(rest) = line.strip_prefix("[worker ") else {
+            assert!(
+                !line.contains("out "),
+                "a worker's line without its prefix, or cut: {line:?}"
+            );
+            continue;
+        };
+        let (id, text) = rest.split_once("] ").expect("a whole prefix");
+        let id: u32 = id.parse().unwrap();
+        let words: Vec<&str> = text.split(' ').collect();
+        assert_eq!(words.len(), 3, "a whole line: {line:?}");
+        assert_eq!(words[0], "out", "{line:?}");
+        assert_eq!(
+            words[1].parse::<u32>().unwrap(),
+            id,
+            "the prefix names the writer: {line:?}"
+        );
+        seen.entry(id).or_default().push(words[2].parse().unwrap());
+    }
+    for (id, ks) in &mut seen {
+        ks.sort_unstable();
+        assert!(
+            ks.iter().copied().eq(0..10_000),
+            "worker {id}: every line once"
+        );
+    }
+    let stderr_has = |id: u32| f.p.stderr_says(&format!("[worker {id}] err {id} 999\n"));
+    assert!((1..=3).all(stderr_has), "stderr lines, prefixed");
+    let err_lines =
+        f.p.stderr()
+            .lines()
+            .filter(|l| l.starts_with("[worker "))
+            .count();
+    assert_eq!(err_lines, 3_000, "every stderr line once");
+}
+
 /// Waits for the heartbeat's verdict on worker `id`: unresponsive.
 fn expect_unresponsive(f: &mut Fixture, id: u32) {
     let err = f.expect(&format!("error {id} "));

@@ -278,6 +278,12 @@ pub struct Settings {
     pub gid: Option<u32>,
     /// What the worker may ask the primary to listen on for it.
     pub bind: BindPolicy,
+    /// When set (and `silent` is not), the worker's stdout and stderr are pipes the primary
+    /// copies to its own stdout and stderr line by line, each line starting with this prefix,
+    /// `{id}` replaced by the worker's id (such as `"[worker {id}] "`). Lines of different
+    /// workers never interleave mid-line, and what a worker wrote before it died still appears.
+    /// `None` (the default): the worker's output is the primary's, unprefixed.
+    pub log_prefix: Option<String>,
 }
 
 /// What a worker may ask the primary to listen on: the primary binds every shared server, often

@@ -10,6 +10,7 @@
 //! - [`signals`], [`stats`]: signal handling and the cluster's snapshot.
 
 mod events;
+mod logs;
 mod policy;
 mod reader;
 mod rollout;

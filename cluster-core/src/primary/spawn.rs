@@ -168,7 +168,7 @@ impl Launcher {
             }
             (None, None) => None,
         };
-        if settings.silent {
+        if settings.silent || settings.log_prefix.is_some() {
             cmd.stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped());
         }

@@ -728,14 +728,24 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             exited_after_disconnect: None,
             last_error: None,
         });
+        let (mut stdout, mut stderr) = (spawned.child.stdout.take(), spawned.child.stderr.take());
+        if let (false, Some(template)) = (self.settings.silent, &self.settings.log_prefix) {
+            let prefix = super::logs::prefix(template, id);
+            if let Some(fd) = stdout.take().and_then(|s| s.into_owned_fd().ok()) {
+                super::logs::copy(fd, super::logs::Stream::Stdout, prefix.clone());
+            }
+            if let Some(fd) = stderr.take().and_then(|s| s.into_owned_fd().ok()) {
+                super::logs::copy(fd, super::logs::Stream::Stderr, prefix);
+            }
+        }
         let shared = WorkerShared::new(
             id,
             spawned.pid,
             outbox,
             self.servers.clone(),
             status_rx,
-            spawned.child.stdout.take(),
-            spawned.child.stderr.take(),
+            stdout,
+            stderr,
         );
         let worker = WorkerRef::new(Arc::new(shared));
         self.entries.insert(
