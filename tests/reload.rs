@@ -324,3 +324,57 @@ fn stats_connections(p: &mut Proc) -> u64 {
         })
         .sum()
 }
+
+/// `connections` counts under every policy: the workers count what they accept on their own
+/// sockets (`shared`, `reuseport`) as the primary counts what it hands over (round-robin); and
+/// each worker's resident memory and CPU time are in the table.
+#[test]
+fn stats_count_connections_and_show_memory_under_every_policy() {
+    for policy in ["round-robin", "shared", "reuseport"] {
+        let port = common::free_low_port();
+        let port_s = port.to_string();
+        let mut p = Proc::scripted(
+            "hello_http",
+            &[
+                ("PORT", port_s.as_str()),
+                ("CLUSTER_WORKERS", "2"),
+                ("CLUSTER_SCHED_POLICY", policy),
+            ],
+        );
+        p.expect_prefix("Primary");
+        p.expect_prefix("Worker");
+        p.expect_prefix("Worker");
+        let counts = Counts::default();
+        for _ in 0..20 {
+            request(&mut None, port, &counts).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = stats_connections(&mut p);
+            if n == 20 {
+                break;
+            }
+            assert!(
+                n < 20 && Instant::now() < deadline,
+                "{policy}: {n} connections counted for 20"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p.send("stats");
+        p.wait_for("stats", |l| {
+            l.contains(" workers, ") && l.contains(" forked")
+        });
+        let header = p.line();
+        assert!(
+            header.contains("rss MiB") && header.contains("cpu s"),
+            "{header}"
+        );
+        for _ in 0..2 {
+            let row = p.line();
+            let rss: f64 = row.split_whitespace().nth(7).unwrap().parse().unwrap();
+            assert!(rss > 0.5, "{policy}: a worker's resident memory: {row}");
+        }
+        p.signal(Signal::SIGTERM);
+        assert!(p.wait_exit().success());
+    }
+}

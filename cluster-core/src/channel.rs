@@ -636,6 +636,8 @@ pub(crate) enum Counted {
     Accepted(u32),
     /// Connections of a round-robin server that did not reach the worker.
     Lost(u32),
+    /// Connections the worker accepted on sockets of its own.
+    Served,
 }
 
 /// Why a frame could not be queued.

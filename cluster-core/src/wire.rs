@@ -139,6 +139,12 @@ pub enum Control {
         /// A readable message.
         message: String,
     },
+    /// Worker -> primary: it accepted `n` more connections on sockets of its own (`shared`,
+    /// `reuseport`); counts queued back to back merge into one frame.
+    Served {
+        /// How many.
+        n: u32,
+    },
 }
 
 impl Control {

@@ -125,6 +125,14 @@ impl Link {
         });
     }
 
+    /// Counts one connection the worker accepted on a socket of its own, for the primary's
+    /// figures.
+    pub(crate) fn served(&self) {
+        let _ = self.outbox.send_counted(Counted::Served, |n| {
+            Wire::<()>::Control(Control::Served { n })
+        });
+    }
+
     /// Tells the primary that the next connection of `server` it handed over did not arrive.
     pub(crate) fn lost(&self, server: u32) {
         let _ = self.outbox.send_counted(Counted::Lost(server), |n| {

@@ -129,7 +129,12 @@ impl TcpListener {
         accepted: Accepted<tokio::net::TcpListener>,
     ) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
         match accepted {
-            Accepted::Own(stream, peer) => Ok((stream, peer)),
+            Accepted::Own(stream, peer) => {
+                if let Some(link) = crate::worker::link() {
+                    link.served();
+                }
+                Ok((stream, peer))
+            }
             Accepted::Handed(fd) => {
                 let std = std::net::TcpStream::from(fd);
                 // A client that reset already has no peer address any more; the connection

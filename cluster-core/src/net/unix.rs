@@ -145,7 +145,12 @@ fn connection(
     accepted: Accepted<tokio::net::UnixListener>,
 ) -> io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)> {
     match accepted {
-        Accepted::Own(stream, peer) => Ok((stream, peer)),
+        Accepted::Own(stream, peer) => {
+            if let Some(link) = crate::worker::link() {
+                link.served();
+            }
+            Ok((stream, peer))
+        }
         Accepted::Handed(fd) => {
             let stream = tokio::net::UnixStream::from_std(fd.into())?;
             // Unlike TCP's, a Unix socket keeps its peer's address after the peer closed.

@@ -219,7 +219,7 @@ impl<P: Message, W: Message> ReaderTask<P, W> {
                         .await;
                     }
                     other => {
-                        if let Control::Accepted { n, .. } = &other {
+                        if let Control::Accepted { n, .. } | Control::Served { n } = &other {
                             w.shared
                                 .counters
                                 .conns
