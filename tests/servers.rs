@@ -857,6 +857,47 @@ fn a_stale_socket_file_is_replaced_and_any_other_file_stays() {
     let _c = std::os::unix::net::UnixStream::connect(&busy).unwrap();
     held.accept()
         .expect("the other process still has its socket");
+
+    // A listener whose backlog is full (it never accepts) does not hold the primary up: the
+    // check that nobody listens does not wait.
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, connect, listen, socket,
+    };
+    let full = dir.0.join("full.sock");
+    let sock_fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    let at = UnixAddr::new(&full).unwrap();
+    bind(std::os::fd::AsRawFd::as_raw_fd(&sock_fd), &at).unwrap();
+    listen(&sock_fd, Backlog::new(0).unwrap()).unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let c = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        let _ = connect(std::os::fd::AsRawFd::as_raw_fd(&c), &at);
+        fillers.push(c);
+    }
+    let asked = Instant::now();
+    fx.send(&format!("listen 1 unix:{}", full.display()));
+    let e = fx.expect("bind-error 1");
+    assert!(
+        e.starts_with("AddrInUse") && e.contains("another process listens"),
+        "{e}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
     fx.quit();
 }
 
@@ -973,6 +1014,23 @@ fn a_unix_socket_file_has_the_workers_owner_and_the_mode_it_chose() {
         (meta.uid(), meta.gid()),
         (65534, 65534),
         "the worker's user owns it"
+    );
+
+    // In a sticky directory (as /tmp), another user's stale socket is not the worker's to
+    // replace, so the primary does not replace it for it.
+    let sticky = dir.0.join("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, PermissionsExt::from_mode(0o1777)).unwrap();
+    let theirs = sticky.join("theirs.sock");
+    drop(std::os::unix::net::UnixListener::bind(&theirs).unwrap());
+    std::os::unix::fs::chown(&theirs, Some(1001), Some(1001)).unwrap();
+    fx.send(&format!("listen 1 unix:{}", theirs.display()));
+    let e = fx.expect("bind-error 1");
+    assert!(e.starts_with("AddrInUse") && e.contains("sticky"), "{e}");
+    assert_eq!(
+        std::fs::symlink_metadata(&theirs).unwrap().uid(),
+        1001,
+        "left as it was"
     );
     fx.quit();
 }

@@ -187,6 +187,42 @@ fn via(dir: &OwnedFd, name: &std::ffi::OsStr, path: &std::path::Path) -> std::pa
     }
 }
 
+/// Connects to `addr` without waiting: refused means nobody listens (a stale file); a full
+/// backlog (`EAGAIN`) or success means a listener is there. Never blocks, whatever the socket
+/// at the path does.
+fn probe(addr: &nix::sys::socket::UnixAddr) -> io::Result<()> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, connect, socket};
+    let s = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    match connect(std::os::fd::AsRawFd::as_raw_fd(&s), addr) {
+        Ok(()) | Err(nix::Error::EAGAIN) | Err(nix::Error::EINPROGRESS) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether user `uid` could remove `name` from `dir` itself: in a sticky directory (such as
+/// `/tmp`) only the owner of the file or of the directory may.
+fn may_replace(dir: &OwnedFd, name: &std::ffi::OsStr, uid: u32) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(d) = nix::sys::stat::fstat(dir.as_raw_fd()) else {
+        return false;
+    };
+    if d.st_mode & nix::libc::S_ISVTX == 0 {
+        return true;
+    }
+    let file = nix::sys::stat::fstatat(
+        Some(dir.as_raw_fd()),
+        name,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    );
+    d.st_uid == uid || file.is_ok_and(|f| f.st_uid == uid)
+}
+
 /// The socket file's permission bits and owner, set before it takes connections.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct FileOptions {
@@ -194,8 +230,8 @@ pub(crate) struct FileOptions {
     pub(crate) owner: Option<(u32, u32)>,
 }
 
-/// Sets `opts` on `name` in `dir`, which must still be the socket `id`: never through a link
-/// put in its place (on Linux the mode goes through a handle opened on the file itself).
+/// Sets `opts` on `name` in `dir`, which must still be the socket `id`: on Linux through a
+/// handle opened on the file itself (never through a link, or a file swapped in meanwhile).
 fn set_file_options(
     dir: &OwnedFd,
     name: &std::ffi::OsStr,
@@ -203,19 +239,9 @@ fn set_file_options(
     opts: FileOptions,
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    if let Some((uid, gid)) = opts.owner {
-        nix::unistd::fchownat(
-            Some(dir.as_raw_fd()),
-            name,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(io::Error::from)?;
-    }
-    let Some(mode) = opts.mode else {
+    if opts.owner.is_none() && opts.mode.is_none() {
         return Ok(());
-    };
+    }
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         use nix::fcntl::{OFlag, openat};
@@ -236,24 +262,42 @@ fn set_file_options(
         let same = (st.st_dev as u64, st.st_ino as u64) == id;
         if !same {
             return Err(io::Error::other(
-                "the socket file was replaced before its mode was set",
+                "the socket file was replaced before its owner and mode were set",
             ));
         }
-        std::fs::set_permissions(
-            format!("/proc/self/fd/{}", file.as_raw_fd()),
-            std::os::unix::fs::PermissionsExt::from_mode(mode),
-        )
+        // The handle's `/proc` link names the very inode it was opened on.
+        let at = format!("/proc/self/fd/{}", file.as_raw_fd());
+        if let Some((uid, gid)) = opts.owner {
+            std::os::unix::fs::chown(&at, Some(uid), Some(gid))?;
+        }
+        if let Some(mode) = opts.mode {
+            std::fs::set_permissions(&at, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        }
+        Ok(())
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     {
         let _ = id;
-        nix::sys::stat::fchmodat(
-            Some(dir.as_raw_fd()),
-            name,
-            nix::sys::stat::Mode::from_bits_truncate(mode as nix::libc::mode_t),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
-        .map_err(io::Error::from)
+        if let Some((uid, gid)) = opts.owner {
+            nix::unistd::fchownat(
+                Some(dir.as_raw_fd()),
+                name,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(io::Error::from)?;
+        }
+        if let Some(mode) = opts.mode {
+            nix::sys::stat::fchmodat(
+                Some(dir.as_raw_fd()),
+                name,
+                nix::sys::stat::Mode::from_bits_truncate(mode as nix::libc::mode_t),
+                nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+            )
+            .map_err(io::Error::from)?;
+        }
+        Ok(())
     }
 }
 
@@ -309,7 +353,14 @@ pub(crate) fn bind_unix(
                 }
                 Err(e) => return Err(e),
             }
-            match std::os::unix::net::UnixStream::connect(&at) {
+            if let Some((uid, _)) = opts.owner
+                && !may_replace(&dir, &name, uid)
+            {
+                return Err(in_use(
+                    "a socket of another user is there, in a sticky directory (not removed)",
+                ));
+            }
+            match probe(&addr) {
                 Err(e) if e.raw_os_error() == Some(nix::libc::ECONNREFUSED) => {
                     // Left by a process that died: nobody listens on it.
                     nix::unistd::unlinkat(

@@ -206,8 +206,15 @@ impl Servers {
         rules.check_addr(addr)?;
         let mut st = self.lock();
         let key: KeyId = (addr.clone(), index);
-        let joins = !st.keys.get(&key).is_some_and(|k| k.kind.has(id));
-        if joins && st.keys.values().filter(|k| k.kind.has(id)).count() >= rules.max_servers() {
+        // A worker asks once per listener (its index says which): a second request for a key it
+        // serves is no listener of a real worker, and gets no second copy of the socket.
+        if st.keys.get(&key).is_some_and(|k| k.kind.has(id)) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("worker {id} already listens on {addr} (listener {index})"),
+            ));
+        }
+        if st.keys.values().filter(|k| k.kind.has(id)).count() >= rules.max_servers() {
             return Err(rules::too_many(id, rules.max_servers()));
         }
         if let Some(unix) = st.keys.get(&key).and_then(|k| k.unix.as_ref()) {

@@ -216,6 +216,15 @@ impl<W> Entry<W> {
     }
 }
 
+/// An upgrade waiting for its new primary.
+struct Upgrading {
+    pid: u32,
+    grace: Duration,
+    replies: Vec<UpgradeReply>,
+    /// Stops the new primary (a shutdown came first).
+    cancel: Option<oneshot::Sender<()>>,
+}
+
 struct Stopping {
     kill_at: Instant,
     /// Set once the stragglers were killed: when to stop waiting for their exits.
@@ -263,8 +272,8 @@ pub(crate) struct Supervisor<P, W> {
     next_rollout: Option<(Duration, Vec<ReloadReply>)>,
     /// Scale requests that came during a rollout, combined: applied when it ends.
     pending_scale: Option<(Scale, Vec<ScaleReply<W>>)>,
-    /// The running upgrade: the new primary's pid, the grace, the callers.
-    upgrade: Option<(u32, Duration, Vec<UpgradeReply>)>,
+    /// The running upgrade.
+    upgrade: Option<Upgrading>,
     /// The new primary serves: this one drains, and holds the status channel until it exits.
     handover: Option<super::upgrade::Handover>,
     /// To hand a rollout the command queue without keeping the supervisor alive by it.
@@ -383,7 +392,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             Command::Reload { grace, reply } => {
                 if self.closing {
                     let _ = reply.send(Err(super::rollout::cancelled()));
-                } else if let Some((pid, ..)) = &self.upgrade {
+                } else if let Some(Upgrading { pid, .. }) = &self.upgrade {
                     let _ = reply.send(Err(Error::new(
                         ErrorKind::InvalidState,
                         format!(
@@ -425,8 +434,8 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             }
             Command::Upgrade { grace, reply } => match self.start_upgrade(grace) {
                 Ok(()) => {
-                    if let Some((.., replies)) = &mut self.upgrade {
-                        replies.push(reply);
+                    if let Some(u) = &mut self.upgrade {
+                        u.replies.push(reply);
                     }
                 }
                 Err(e) => {
@@ -574,7 +583,7 @@ impl<P: Message, W: Message> Supervisor<P, W> {
     fn start_upgrade(&mut self, grace: Duration) -> Result<(), Error> {
         let refused =
             |why: String| Error::new(ErrorKind::InvalidState, format!("upgrade refused: {why}"));
-        if let Some((pid, ..)) = &self.upgrade {
+        if let Some(Upgrading { pid, .. }) = &self.upgrade {
             return Err(refused(format!(
                 "an upgrade is already running (new primary pid {pid})"
             )));
@@ -612,6 +621,9 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             .filter_map(|(i, (_, _, n))| Some((i, n.clone()?)))
             .collect();
         let fds: Vec<_> = sockets.into_iter().map(|(fd, _, _)| fd).collect();
+        // From the fork on two primaries serve these sockets: neither may stop them taking
+        // connections, shut them down or unlink them (a worker closing one meanwhile included).
+        crate::systemd::lend(&fds);
         let started = super::upgrade::spawn(
             &path,
             workers,
@@ -619,10 +631,8 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             &fds,
             from_systemd,
             &names,
-        )?;
-        // From now on two primaries serve these sockets: neither may stop them taking
-        // connections.
-        crate::systemd::lend(&fds);
+        )
+        .inspect_err(|_| crate::systemd::reclaim())?;
         crate::systemd::notify::reloading();
         let pid = started.pid;
         tracing::info!(
@@ -632,17 +642,42 @@ impl<P: Message, W: Message> Supervisor<P, W> {
             workers,
             "upgrade: started the new primary"
         );
+        let (cancel, cancelled) = oneshot::channel();
         tokio::spawn(async move {
-            let result = started.outcome(grace).await;
+            let result = started.outcome(grace, cancelled).await;
             let _ = commands.send(Command::UpgradeDone { result }).await;
         });
-        self.upgrade = Some((pid, grace, Vec::new()));
+        self.upgrade = Some(Upgrading {
+            pid,
+            grace,
+            replies: Vec::new(),
+            cancel: Some(cancel),
+        });
         Ok(())
     }
 
     fn upgrade_done(&mut self, result: Result<super::upgrade::Handover, Error>) {
-        let Some((pid, grace, replies)) = self.upgrade.take() else {
+        let Some(Upgrading {
+            pid,
+            grace,
+            replies,
+            ..
+        }) = self.upgrade.take()
+        else {
             return;
+        };
+        let result = match result {
+            // A shutdown came first: no hand-over; the new primary stops.
+            Ok(_) if self.stopping.is_some() => {
+                stop_by_pid(pid);
+                Err(Error::new(
+                    ErrorKind::Upgrade,
+                    format!(
+                        "upgrade cancelled: this primary is shutting down; the new primary (pid {pid}) is stopped too"
+                    ),
+                ))
+            }
+            other => other,
         };
         match result {
             Ok(handover) => {
@@ -1002,6 +1037,13 @@ impl<P: Message, W: Message> Supervisor<P, W> {
         exit_after: bool,
         reply: Option<oneshot::Sender<bool>>,
     ) {
+        if let Some(u) = &mut self.upgrade {
+            // The new primary of a running upgrade goes too: its task stops (SIGTERM, then
+            // SIGKILL) and reaps it.
+            if let Some(cancel) = u.cancel.take() {
+                let _ = cancel.send(());
+            }
+        }
         if self.stopping.is_none() {
             tracing::info!(
                 grace_ms = grace.as_millis() as u64,
@@ -1248,6 +1290,17 @@ impl<P: Message, W: Message> Supervisor<P, W> {
                 gone.map(|id| format!("its worker {id} exited before it was ready")),
             );
         }
+    }
+}
+
+/// SIGTERM to the new primary of an upgrade whose hand-over came too late (its `Child` is
+/// still held, so the pid is not reaped and cannot be another process's).
+fn stop_by_pid(pid: u32) {
+    if pid != 0 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
 }
 

@@ -72,6 +72,7 @@ pub(crate) unsafe fn take_from_env() {
         return;
     }
     crate::systemd::adopt_upgrade(n, from_systemd, &parse_names(&unix));
+    crate::systemd::notify::quiet(true);
     MUST_LISTEN.store(n > 0, Ordering::Relaxed);
     match sys::adopt_stream_fd(3 + n as RawFd) {
         Some(fd) => *STATUS.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd),
@@ -149,6 +150,7 @@ pub(crate) fn settled(failed: Option<String>) {
         let mut buf = [0u8; 64];
         while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
         crate::systemd::old_primary_gone();
+        crate::systemd::notify::quiet(false);
     });
 }
 
@@ -221,10 +223,18 @@ pub(crate) fn spawn(
     })?;
     drop(sources);
     let pid = child.id().unwrap_or(0);
-    ours.set_nonblocking(true)
-        .map_err(|e| fail("set up the status channel", e))?;
-    let status = UnixStream::from_std(ours).map_err(|e| fail("register the status channel", e))?;
-    Ok(Started { pid, child, status })
+    let status = ours
+        .set_nonblocking(true)
+        .and_then(|()| UnixStream::from_std(ours));
+    match status {
+        Ok(status) => Ok(Started { pid, child, status }),
+        Err(e) => {
+            // Never leave a new primary running that nobody watches.
+            let mut child = child;
+            let _ = child.start_kill();
+            Err(fail("set up the status channel", e))
+        }
+    }
 }
 
 /// The new primary serves: the old one keeps the status channel open until it exits (its end
@@ -238,11 +248,19 @@ impl Started {
     /// Waits until the new primary's workers are all ready (`Ok`), or it failed: it exited, its
     /// workers did not all get ready within `timeout`, or it said why. A new primary that
     /// failed is stopped (SIGTERM, then SIGKILL) and reaped before this returns.
-    pub(crate) async fn outcome(mut self, timeout: Duration) -> Result<Handover, Error> {
+    pub(crate) async fn outcome(
+        mut self,
+        timeout: Duration,
+        cancel: tokio::sync::oneshot::Receiver<()>,
+    ) -> Result<Handover, Error> {
         let pid = self.pid;
-        let mut lines = tokio::io::BufReader::new(&mut self.status);
+        // One short line is all the new primary says.
+        let mut lines = tokio::io::BufReader::new((&mut self.status).take(256));
         let mut line = String::new();
         let verdict = tokio::select! {
+            _ = cancel => Err(format!(
+                "this primary is shutting down; the new primary (pid {pid}) is stopped too"
+            )),
             read = lines.read_line(&mut line) => match read {
                 Ok(n) if n > 0 && line.trim_end() == "ready" => Ok(()),
                 Ok(n) if n > 0 => Err(format!(

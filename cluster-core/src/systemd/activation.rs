@@ -180,9 +180,10 @@ pub(crate) fn reclaim() {
     lock(&LENT).clear();
 }
 
-/// The old primary exited: what it handed over is ours alone, and the sockets no key took
-/// close (a `SO_REUSEPORT` socket nobody accepts on would still get connections).
+/// The old primary exited: what it handed over is ours alone. Its sockets leave the list: the
+/// keys that took them hold their own copies (so a key that closes closes its socket, and a
+/// `SO_REUSEPORT` slot leaves the group), and those no key took close now.
 pub(crate) fn old_primary_gone() {
     OLD_PRIMARY.store(false, Ordering::Relaxed);
-    lock(&INHERITED).retain(|s| s.origin == Origin::Systemd || s.in_use);
+    lock(&INHERITED).retain(|s| s.origin == Origin::Systemd);
 }

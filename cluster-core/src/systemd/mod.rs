@@ -30,6 +30,10 @@ pub(crate) fn adopt_upgrade(n: u32, from_systemd: u32, names: &[(usize, std::pat
             (fd, name)
         })
         .collect();
+    // A socket the old primary had stopped taking connections (a leaving key) takes them here.
+    for (fd, _) in &named {
+        let _ = crate::sys::drop_new_connections(std::os::fd::AsFd::as_fd(fd), false);
+    }
     let rest = named.split_off((from_systemd as usize).min(named.len()));
     activation::adopt(named, Origin::Systemd);
     activation::adopt(rest, Origin::Upgrade);

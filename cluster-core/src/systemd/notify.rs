@@ -14,6 +14,16 @@ pub(super) fn set_socket(path: Option<std::ffi::OsString>) {
 /// manager nothing more.
 static HANDED_OVER: AtomicBool = AtomicBool::new(false);
 
+/// A new primary of an upgrade is not the service's main process until the old one has
+/// handed over and exited: until then it tells the service manager nothing (a `STOPPING=1`
+/// of a new primary being rolled back would stop the service under `NotifyAccess=all`).
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Turns [`QUIET`] on or off.
+pub(crate) fn quiet(on: bool) {
+    QUIET.store(on, Ordering::Relaxed);
+}
+
 /// Where notifications go, for a new primary started by a full upgrade.
 pub(crate) fn socket() -> Option<std::ffi::OsString> {
     NOTIFY.get().cloned().flatten()
@@ -23,7 +33,7 @@ fn send(state: &str) {
     let Some(Some(path)) = NOTIFY.get() else {
         return;
     };
-    if HANDED_OVER.load(Ordering::Relaxed) {
+    if HANDED_OVER.load(Ordering::Relaxed) || QUIET.load(Ordering::Relaxed) {
         return;
     }
     let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
