@@ -6,31 +6,12 @@ use std::os::fd::OwnedFd;
 
 use crate::wire::BindAddr;
 
-/// Binds a listening (or UDP) socket for `addr`; returns it with the address it got.
-pub(crate) fn bind(addr: &BindAddr, reuseport: bool) -> io::Result<(OwnedFd, BindAddr)> {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, UnixAddr,
-        bind as nbind, listen, setsockopt, socket, sockopt,
-    };
-    let (family, ty) = match addr {
-        BindAddr::Tcp(a) => (
-            if a.is_ipv4() {
-                AddressFamily::Inet
-            } else {
-                AddressFamily::Inet6
-            },
-            SockType::Stream,
-        ),
-        BindAddr::Udp(a) => (
-            if a.is_ipv4() {
-                AddressFamily::Inet
-            } else {
-                AddressFamily::Inet6
-            },
-            SockType::Datagram,
-        ),
-        BindAddr::Unix(_) => (AddressFamily::Unix, SockType::Stream),
-    };
+/// A new close-on-exec, non-blocking socket.
+fn new_socket(
+    family: nix::sys::socket::AddressFamily,
+    ty: nix::sys::socket::SockType,
+) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{SockFlag, socket};
     #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
     let fd = socket(
         family,
@@ -45,34 +26,45 @@ pub(crate) fn bind(addr: &BindAddr, reuseport: bool) -> io::Result<(OwnedFd, Bin
         crate::sys::set_cloexec_nonblock(&fd, true);
         fd
     };
+    Ok(fd)
+}
+
+/// Binds a listening (or UDP) socket for IP address `addr`; returns it with the address it
+/// got. Unix sockets go through [`bind_unix`].
+pub(crate) fn bind(addr: &BindAddr, reuseport: bool) -> io::Result<(OwnedFd, BindAddr)> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockType, SockaddrIn, SockaddrIn6, bind as nbind, listen,
+        setsockopt, sockopt,
+    };
+    let (a, ty) = match addr {
+        BindAddr::Tcp(a) => (a, SockType::Stream),
+        BindAddr::Udp(a) => (a, SockType::Datagram),
+        BindAddr::Unix(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a Unix socket is bound by `bind_unix`",
+            ));
+        }
+    };
+    let family = if a.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = new_socket(family, ty)?;
     let sa = |e: nix::Error| io::Error::from(e);
-    match addr {
-        BindAddr::Tcp(a) | BindAddr::Udp(a) => {
-            if matches!(addr, BindAddr::Tcp(_)) {
-                setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(sa)?;
-            }
-            if reuseport {
-                setsockopt(&fd, sockopt::ReusePort, &true).map_err(sa)?;
-            }
-            match a {
-                SocketAddr::V4(v4) => {
-                    nbind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(*v4))
-                }
-                SocketAddr::V6(v6) => nbind(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    &SockaddrIn6::from(*v6),
-                ),
-            }
-            .map_err(sa)?;
-        }
-        BindAddr::Unix(p) => {
-            nbind(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &UnixAddr::new(p.as_path()).map_err(sa)?,
-            )
-            .map_err(sa)?;
-        }
+    if ty == SockType::Stream {
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(sa)?;
     }
+    if reuseport {
+        setsockopt(&fd, sockopt::ReusePort, &true).map_err(sa)?;
+    }
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    match a {
+        SocketAddr::V4(v4) => nbind(raw, &SockaddrIn::from(*v4)),
+        SocketAddr::V6(v6) => nbind(raw, &SockaddrIn6::from(*v6)),
+    }
+    .map_err(sa)?;
     if ty == SockType::Stream {
         listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN)).map_err(sa)?;
     }
@@ -191,14 +183,8 @@ fn via(dir: &OwnedFd, name: &std::ffi::OsStr, path: &std::path::Path) -> std::pa
 /// backlog (`EAGAIN`) or success means a listener is there. Never blocks, whatever the socket
 /// at the path does.
 fn probe(addr: &nix::sys::socket::UnixAddr) -> io::Result<()> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, connect, socket};
-    let s = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(io::Error::from)?;
+    use nix::sys::socket::{AddressFamily, SockType, connect};
+    let s = new_socket(AddressFamily::Unix, SockType::Stream)?;
     match connect(std::os::fd::AsRawFd::as_raw_fd(&s), addr) {
         Ok(()) | Err(nix::Error::EAGAIN) | Err(nix::Error::EINPROGRESS) => Ok(()),
         Err(e) => Err(e.into()),
@@ -309,33 +295,12 @@ pub(crate) fn bind_unix(
     check: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<()>,
     opts: FileOptions,
 ) -> io::Result<(OwnedFd, UnixFile)> {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind as nbind, listen, socket,
-    };
+    use nix::sys::socket::{AddressFamily, Backlog, SockType, UnixAddr, bind as nbind, listen};
     let (dir, name) = open_parent(path)?;
     check(std::os::fd::AsFd::as_fd(&dir))?;
     let at = via(&dir, &name, path);
     let addr = UnixAddr::new(at.as_path()).map_err(io::Error::from)?;
-    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(io::Error::from)?;
-    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-    let fd = {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::empty(),
-            None,
-        )
-        .map_err(io::Error::from)?;
-        crate::sys::set_cloexec_nonblock(&fd, true);
-        fd
-    };
+    let fd = new_socket(AddressFamily::Unix, SockType::Stream)?;
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
     match nbind(raw, &addr) {
         Ok(()) => {}
